@@ -1,0 +1,219 @@
+"""The typed boundary: dataclasses that own the *types* of every config key (the YAML files own the values).
+
+``validate(cfg)`` merges the composed Hydra config into these schemas, so ``optimizer.lr=abc``, a misspelt key in
+a YAML file, or ``mapper.num_layers=-1`` fails at start-up with the key named, before any data or model is loaded.
+There are deliberately no default values here (``MISSING`` everywhere): a second set of defaults would drift from
+the YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clipqa.errors import ClipqaError
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = MISSING  # demo data, tiny backbones; `~` is expanded
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded demo: a synthetic dataset in the COCO-QA layout, generated on first use."""
+
+    n_train: int = MISSING
+    n_test: int = MISSING
+    seed: int = MISSING
+    image_size: int = MISSING  # pixels, square JPEGs
+
+
+@dataclass
+class DataConfig:
+    root: str | None = MISSING  # COCO-QA archive folder: train/ and test/
+    image_root: str | None = MISSING  # folder holding train2014/ and val2014/
+    val_fraction: float = MISSING  # of train, seeded by split_seed
+    split_seed: int = MISSING
+    on_bad_image: str = MISSING  # error | skip
+    synthetic: SyntheticConfig | None = MISSING  # set: generate the demo dataset instead of reading root
+
+
+@dataclass
+class TinyBackboneConfig:
+    """Small random-init CLIP vision + DistilBERT, built from configs and saved/re-loaded via from_pretrained."""
+
+    image_size: int = MISSING
+    patch_size: int = MISSING
+    vision_dim: int = MISSING
+    vision_layers: int = MISSING
+    text_dim: int = MISSING
+    text_layers: int = MISSING
+    heads: int = MISSING
+    vocab_size: int = MISSING  # WordPiece vocabulary trained on the data's own text
+    seed: int = MISSING
+
+
+@dataclass
+class BackboneConfig:
+    vision: str | None = MISSING  # hub name or local folder of a CLIP vision tower (+ its image processor)
+    text: str | None = MISSING  # hub name or local folder of DistilBERT (+ its tokenizer)
+    image_position_offset: int = MISSING  # image token i gets DistilBERT position offset + i
+    tiny: TinyBackboneConfig | None = MISSING
+
+
+@dataclass
+class MapperConfig:
+    _target_: str = MISSING
+    num_layers: int = MISSING
+    hidden_dim: int = MISSING
+    activation: str = MISSING
+    final_activation: bool = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
+class HeadConfig:
+    kind: str = MISSING  # vocab | answers
+    readout: str = MISSING  # cls | last
+
+
+@dataclass
+class FreezeConfig:
+    """True = frozen (no gradient updates, eval mode so dropout is off). The answer head always trains."""
+
+    vision: bool = MISSING
+    text: bool = MISSING
+    mapper: bool = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING  # a torch.optim.Optimizer subclass
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    # Optimizer-specific keyword arguments; None = not passed (Adam has no momentum, SGD has no betas).
+    betas: list[float] | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    max_steps: int | None = MISSING  # stop after this many optimizer steps (None: run all epochs)
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    eval_every: int = MISSING  # validate every N optimizer steps (and at every epoch end)
+    log_every: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    precision: str = MISSING  # fp32 | bf16 | fp16
+    num_workers: int = MISSING
+    save_checkpoint: bool = MISSING
+
+
+@dataclass
+class RunConfig:
+    paths: PathsConfig = MISSING
+    data: DataConfig = MISSING
+    backbone: BackboneConfig = MISSING
+    mapper: MapperConfig = MISSING
+    head: HeadConfig = MISSING
+    freeze: FreezeConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+def _fail(key: str, value: object, problem: str, fix: str) -> None:
+    raise ClipqaError(f"Invalid config value {key}={value!r}: {problem}. Fix: {fix}.")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Type-check and range-check a composed config; return it typed, resolved and read-only.
+
+    Raises ClipqaError naming the key (e.g. ``optimizer.lr``) for a wrong type, an unknown or missing key, or an
+    out-of-range value. Keys outside the schema sections (``hydra``, ``tracking`` ...) are kept as they are.
+    """
+    extra = {k: v for k, v in cfg.items() if k not in RunConfig.__dataclass_fields__}
+    known = OmegaConf.masked_copy(cfg, [k for k in cfg if k in RunConfig.__dataclass_fields__])
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), known)
+        OmegaConf.resolve(typed)
+        missing = sorted(OmegaConf.missing_keys(typed))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ClipqaError(
+            f"Invalid config at key '{key}': {msg}. Fix the value on the command line (e.g. optimizer.lr=3e-4) "
+            "or in the YAML file of that group under conf/; `python train.py --cfg job` prints the composed config."
+        ) from None
+    if missing:
+        raise ClipqaError(
+            f"Config keys without a value: {', '.join(missing)}. Set them on the command line (key=value) or in "
+            "the group's YAML file under conf/."
+        )
+    _check_ranges(typed)
+    out = OmegaConf.merge(typed, OmegaConf.create({k: v for k, v in extra.items()}))
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+def _check_ranges(c: RunConfig | DictConfig) -> None:
+    d, m, t, o = c.data, c.mapper, c.trainer, c.optimizer
+    if m.num_layers < 0:
+        _fail("mapper.num_layers", m.num_layers, "must be >= 0", "use 0 (raw CLIP tokens) or more layers")
+    if m.hidden_dim <= 0:
+        _fail("mapper.hidden_dim", m.hidden_dim, "must be > 0", "use e.g. mapper.hidden_dim=1024")
+    if m.activation not in ("relu", "gelu", "tanh"):
+        _fail("mapper.activation", m.activation, "unknown activation", "choose relu, gelu or tanh")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("mapper.dropout", m.dropout, "must be in [0, 1)", "use e.g. mapper.dropout=0.1")
+    if c.head.kind not in ("vocab", "answers"):
+        _fail("head.kind", c.head.kind, "unknown head", "choose head=vocab (paper) or head=answers")
+    if c.head.readout not in ("cls", "last"):
+        _fail("head.readout", c.head.readout, "unknown readout position", "choose cls or last (paper)")
+    if not 0.0 < d.val_fraction < 1.0:
+        _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)", "use e.g. data.val_fraction=0.1")
+    if d.on_bad_image not in ("error", "skip"):
+        _fail("data.on_bad_image", d.on_bad_image, "unknown policy", "choose error or skip")
+    if d.synthetic is None and (d.root is None or d.image_root is None):
+        _fail("data.root", d.root, "COCO-QA needs data.root and data.image_root", "pass both, or experiment=demo")
+    if o.lr <= 0:
+        _fail("optimizer.lr", o.lr, "must be > 0", "use e.g. optimizer.lr=1e-4")
+    if o.weight_decay < 0:
+        _fail("optimizer.weight_decay", o.weight_decay, "must be >= 0", "use 0 or a small positive value")
+    _check_optimizer_target(o._target_)
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+        if t[key] <= 0:
+            _fail(f"trainer.{key}", t[key], "must be > 0", f"pass a positive integer, e.g. trainer.{key}=1")
+    if t.max_steps is not None and t.max_steps <= 0:
+        _fail("trainer.max_steps", t.max_steps, "must be > 0 or null", "use e.g. trainer.max_steps=100")
+    if t.num_workers < 0:
+        _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        _fail("trainer.precision", t.precision, "unknown precision", "choose fp32, bf16 or fp16")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        _fail("trainer.device", t.device, "unknown device", "choose auto, cpu, cuda or cuda:N")
+    if c.backbone.image_position_offset < 1:
+        _fail("backbone.image_position_offset", c.backbone.image_position_offset, "must be >= 1",
+              "use 64 (COCO-QA questions are shorter than 64 tokens)")
+    if c.backbone.tiny is None and (c.backbone.vision is None or c.backbone.text is None):
+        _fail("backbone.vision", c.backbone.vision, "a hub name or local folder is needed",
+              "use backbone=hub (openai/clip-vit-base-patch32 + distilbert-base-uncased) or backbone=tiny")
+
+
+def _check_optimizer_target(target: str) -> None:
+    import torch
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        _fail("optimizer._target_", target, "not a torch.optim.Optimizer class",
+              "choose optimizer=adam, optimizer=adamw or optimizer=sgd (conf/optimizer/)")

@@ -1,0 +1,157 @@
+"""The architecture: CLIP vision tokens -> MLP mapper -> [question embeddings ; image tokens] -> DistilBERT -> head.
+
+How image tokens reach DistilBERT (current transformers): we pass the concatenated sequence as ``inputs_embeds``.
+DistilBERT's embedding layer then adds a *position embedding* to every token and applies its *LayerNorm* and
+dropout, image tokens included. The paper's transformers (late 2022) skipped that block for ``inputs_embeds``, so
+its image tokens entered the transformer raw. We keep the current behaviour (image tokens get positions and are
+normalised to the scale DistilBERT expects) and make the positions explicit: question token j gets position j,
+image token i gets position ``backbone.image_position_offset + i`` (default 64, i.e. right after the paper's
+63-token question slot). Because image positions do not depend on how long the padded question batch is,
+dynamic padding never changes what the model computes for a question.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from clipqa.errors import ClipqaError
+from clipqa.pretrained import Backbone
+
+log = logging.getLogger(__name__)
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MLPMapper(nn.Module):
+    """``num_layers`` x (Linear -> activation [-> dropout]) from CLIP width to DistilBERT width.
+
+    The paper: 2 layers, hidden 1024, ReLU, with a ReLU after the last layer too (``final_activation=True``).
+    ``num_layers=0`` is the identity and needs ``in_dim == out_dim`` (768 == 768 for ViT-B/32 + DistilBERT).
+    Input and output: ``(B, N, in_dim) -> (B, N, out_dim)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_layers: int, hidden_dim: int, activation: str,
+                 final_activation: bool, dropout: float):
+        super().__init__()
+        if num_layers == 0 and in_dim != out_dim:
+            raise ClipqaError(
+                f"mapper.num_layers=0 passes the vision tokens straight to the text model, but their widths "
+                f"differ (vision {in_dim}, text {out_dim}). Use mapper.num_layers>=1, or a backbone whose widths match."
+            )
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim))
+            if not last or final_activation:
+                layers.append(_ACTIVATIONS[activation]())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*layers)  # empty Sequential = identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ClipQA(nn.Module):
+    """Image + question -> answer logits. ``forward`` returns ``(B, n_classes)``.
+
+    Inputs: ``pixel_values (B, 3, H, W)`` from the CLIP image processor; ``input_ids``/``attention_mask (B, T)``
+    from the tokenizer (with [CLS] ... [SEP], dynamically padded).
+    """
+
+    def __init__(self, vision: nn.Module, mapper: nn.Module, text: nn.Module, head: nn.Linear, *,
+                 image_position_offset: int, readout: str):
+        super().__init__()
+        self.vision, self.mapper, self.text, self.head = vision, mapper, text, head
+        self.image_position_offset = image_position_offset
+        self.readout = readout
+        self.frozen: set[str] = set()  # set by apply_freeze
+
+    def train(self, mode: bool = True) -> ClipQA:
+        super().train(mode)
+        for name in self.frozen:  # frozen parts stay in eval mode: no dropout noise in features we do not train
+            getattr(self, name).eval()
+        return self
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, N, D_vision)``: CLIP's last_hidden_state (before the post-LayerNorm)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision" not in self.frozen):
+            return self.vision(pixel_values=pixel_values).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        img = self.mapper(self.encode_image(pixel_values))  # (B, N, D)
+        words = self.text.embeddings.word_embeddings(input_ids)  # (B, T, D)
+        B, T, N = input_ids.shape[0], input_ids.shape[1], img.shape[1]
+        x = torch.cat([words, img.to(words.dtype)], dim=1)  # (B, T + N, D)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
+        positions = torch.cat([
+            torch.arange(T, device=x.device),
+            self.image_position_offset + torch.arange(N, device=x.device),
+        ]).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
+        h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B, T+N, D)
+        pooled = h[:, 0] if self.readout == "cls" else h[:, -1]  # (B, D): [CLS] or the last image token (paper)
+        return self.head(pooled)  # (B, n_classes)
+
+
+def build_mapper(mcfg: DictConfig, in_dim: int, out_dim: int) -> nn.Module:
+    """The mapper is a swap point: ``mapper._target_`` names its class (default clipqa.model.MLPMapper)."""
+    try:
+        return instantiate(mcfg, in_dim, out_dim)
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ClipqaError):
+            raise cause from None
+        raise ClipqaError(f"Cannot build the mapper from mapper._target_={mcfg._target_}: {e}") from None
+
+
+def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int) -> ClipQA:
+    """Assemble the model; the new layers (mapper, head) are initialised from the caller's seeded RNG state.
+
+    Nothing is frozen here: the caller applies :func:`apply_freeze` (the one place that decides what trains).
+    """
+    v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.dim
+    mapper = build_mapper(cfg.mapper, v_dim, t_dim)
+    head = nn.Linear(t_dim, n_classes)
+    return ClipQA(backbone.vision, mapper, backbone.text, head,
+                  image_position_offset=cfg.backbone.image_position_offset, readout=cfg.head.readout)
+
+
+def apply_freeze(model: ClipQA, *, vision: bool, text: bool, mapper: bool) -> dict[str, int]:
+    """The one place that decides what trains. True = frozen. The head always trains.
+
+    Frozen parts get ``requires_grad=False`` and stay in eval mode (no dropout). Returns and logs the trainable
+    and frozen parameter counts per component, e.g. ``{"params/trainable/mapper": 1574656, ...}``.
+    """
+    flags = {"vision": vision, "text": text, "mapper": mapper, "head": False}
+    model.frozen = {name for name, frozen in flags.items() if frozen}
+    counts: dict[str, int] = {}
+    for name, frozen in flags.items():
+        part = getattr(model, name)
+        for p in part.parameters():
+            p.requires_grad_(not frozen)
+        n = sum(p.numel() for p in part.parameters())
+        counts[f"params/trainable/{name}"] = 0 if frozen else n
+        counts[f"params/frozen/{name}"] = n if frozen else 0
+        log.info("%s %s: %s parameters <freeze.%s=%s>", "freezing" if frozen else "training", name, f"{n:,}",
+                 name, str(frozen).lower() if name != "head" else "n/a")
+    counts["params/trainable"] = sum(v for k, v in counts.items() if k.startswith("params/trainable/"))
+    counts["params/frozen"] = sum(v for k, v in counts.items() if k.startswith("params/frozen/"))
+    model.train(model.training)
+    return counts
+
+
+def trainable_state(model: ClipQA) -> dict[str, torch.Tensor]:
+    """A detached CPU *copy* of the weights that training changes (every part not frozen).
+
+    A copy, not a reference: the paper's script kept ``state_dict()`` by reference, so its "best" weights were
+    silently the last ones.
+    """
+    keep = tuple(f"{name}." for name in ("vision", "text", "mapper", "head") if name not in model.frozen)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.startswith(keep)}

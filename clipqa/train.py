@@ -1,0 +1,307 @@
+"""The run function: one training run from a composed config to ``metrics.json`` and ``best.pt``.
+
+``train(cfg, output_dir)`` is what ``train.py`` (the Hydra entry point) calls and what tests call directly. It
+reads top to bottom:
+
+1. validate the config (typed boundary), seed, pick the device
+2. read the data (COCO-QA or the generated demo), split train/val, find the images
+3. load the backbone, build the model, apply the freeze policy, label the answers
+4. train: validation every ``trainer.eval_every`` steps and at each epoch end, best weights kept as a copy
+5. evaluate the best weights on the full test split (overall + per type) beside the answer-prior baseline
+6. write ``metrics.json``, ``config.yaml`` (resolved) and ``best.pt`` (weights + config, loadable without Hydra)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipqa import metrics as M
+from clipqa.config import validate
+from clipqa.data import (
+    Collator,
+    LabelSpace,
+    QADataset,
+    Split,
+    attach_images,
+    index_images,
+    read_split,
+    train_val_split,
+)
+from clipqa.demo_data import ensure_demo
+from clipqa.errors import ClipqaError
+from clipqa.model import ClipQA, apply_freeze, build_model, trainable_state
+from clipqa.pretrained import load_backbone
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "clipqa-checkpoint-v1"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipqaError(f"trainer.device={name} but no CUDA GPU is visible. Use trainer.device=auto or cpu.")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision context: bf16/fp16 autocast on the device, nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def load_data(cfg: DictConfig) -> tuple[Split, Split, Split, dict[int, Path]]:
+    """Train/val/test splits with images attached, and the image index. Generates the demo data if configured."""
+    d = cfg.data
+    if d.synthetic is not None:
+        s = d.synthetic
+        root = ensure_demo(cfg.paths.cache_dir, s.n_train, s.n_test, s.seed, s.image_size)
+        data_root, image_root = root, root / "images"
+        log.info("demo dataset (COCO-QA layout) in %s <data.synthetic>", root)
+    else:
+        data_root, image_root = Path(d.root), Path(d.image_root)
+    full_train, test = read_split(data_root, "train"), read_split(data_root, "test")
+    index = index_images(image_root)
+    full_train = attach_images(full_train, index, image_root, d.on_bad_image)
+    test = attach_images(test, index, image_root, d.on_bad_image)
+    train, val = train_val_split(full_train, d.val_fraction, d.split_seed)
+    log.info("questions: train %d, val %d, test %d <data.val_fraction=%s>", len(train), len(val), len(test),
+             d.val_fraction)
+    return train, val, test, index
+
+
+def make_loader(ds, collate, batch_size: int, shuffle: bool, num_workers: int, seed: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None, pin_memory=pin,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: ClipQA, loader: DataLoader, device: torch.device, precision: str,
+             split: str) -> tuple[dict[str, float], list[int]]:
+    """``{split}/acc`` (overall + per type) and ``{split}/loss`` over every question of ``loader``.
+
+    Questions the head cannot answer (label -1: a multi-wordpiece answer under head=vocab, an answer unseen in
+    training under head=answers) count as wrong and are left out of the loss only. Returns (metrics, predictions).
+    """
+    was_training = model.training
+    model.eval()
+    correct: list[bool] = []
+    types: list[int] = []
+    preds: list[int] = []
+    loss_sum, loss_n = 0.0, 0
+    for batch in tqdm(loader, desc=f"evaluating {split}", leave=False, unit="batch"):
+        if batch is None:
+            continue
+        batch = _to(batch, device)
+        with autocast(device, precision):
+            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+        labels = batch["labels"]
+        known = labels >= 0
+        if known.any():
+            loss_sum += F.cross_entropy(logits[known].float(), labels[known], reduction="sum").item()
+            loss_n += int(known.sum())
+        pred = logits.argmax(-1)
+        correct += (pred == labels).tolist()
+        types += batch["types"].tolist()
+        preds += pred.tolist()
+    model.train(was_training)
+    out = M.accuracy_by_type(correct, types, f"{split}/acc")
+    out[f"{split}/loss"] = loss_sum / loss_n if loss_n else float("nan")
+    return out, preds
+
+
+def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
+    """``optimizer._target_`` is the swap point (torch.optim.Adam / AdamW / SGD); None-valued kwargs are not passed."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(ocfg, resolve=True).items() if k != "_target_" and v is not None}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    try:
+        return get_class(ocfg._target_)(params, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ClipqaError(f"Cannot build optimizer {ocfg._target_} with {kwargs}: {e}. Check the optimizer.* keys.") from None
+
+
+def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
+    """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics."""
+    # 1. config, seed, device ------------------------------------------------------------------------------------
+    cfg = validate(cfg)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
+    t = cfg.trainer
+    seed_everything(t.seed)
+    device = pick_device(t.device)
+    log.info("device %s <trainer.device=%s>, precision %s, seed %d", device, t.device, t.precision, t.seed)
+
+    # 2. data ------------------------------------------------------------------------------------------------------
+    train_split, val_split, test_split, index = load_data(cfg)
+
+    # 3. backbone, labels, model -----------------------------------------------------------------------------------
+    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
+    labels = LabelSpace.build(cfg.head.kind, backbone.tokenizer, train_split.answers)
+    y_train = labels.labels(train_split.answers)
+    dropped = [i for i, y in enumerate(y_train) if y < 0]
+    if dropped:
+        examples = sorted({train_split.answers[i] for i in dropped})[:5]
+        log.warning("dropped %d of %d training questions whose answer is not one wordpiece (e.g. %s) <head.kind=%s>",
+                    len(dropped), len(train_split), ", ".join(examples), cfg.head.kind)
+        keep = [i for i, y in enumerate(y_train) if y >= 0]
+        train_split, y_train = train_split.subset(keep), [y_train[i] for i in keep]
+    if len(train_split) == 0:
+        raise ClipqaError(f"No trainable questions left (head.kind={cfg.head.kind}). Try head=answers.")
+    max_tokens = cfg.backbone.image_position_offset  # question positions must stay below the image positions
+    n_long = sum(len(ids) > max_tokens for ids in backbone.tokenizer(test_split.questions[:2000])["input_ids"])
+    if n_long:
+        log.warning("some questions exceed %d tokens and are truncated <backbone.image_position_offset>", max_tokens)
+
+    model = build_model(cfg, backbone, len(labels)).to(device)
+    counts = apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
+    log.info("parameters: %s trainable, %s frozen", f"{counts['params/trainable']:,}", f"{counts['params/frozen']:,}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optimizer, trainable)
+
+    collate = Collator(backbone.tokenizer, max_tokens)
+    pin = device.type == "cuda"
+    policy = cfg.data.on_bad_image
+
+    def loader(split: Split, y: list[int], shuffle: bool, bs: int) -> DataLoader:
+        ds = QADataset(split, y, index, backbone.image_processor, policy)
+        return make_loader(ds, collate, bs, shuffle, t.num_workers, t.seed, pin)
+
+    train_loader = loader(train_split, y_train, True, t.batch_size)
+    val_loader = loader(val_split, labels.labels(val_split.answers), False, t.eval_batch_size)
+    total_steps = t.epochs * len(train_loader)
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+
+    # 4. train ----------------------------------------------------------------------------------------------------
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
+    best = {"acc": -1.0, "step": 0, "state": trainable_state(model)}
+    history: list[dict] = []
+    step, t0, seen = 0, time.perf_counter(), 0
+
+    def validate_now() -> None:
+        val, _ = evaluate(model, val_loader, device, t.precision, "val")
+        history.append({"step": step, **val})
+        log.info("step %d: val/acc %.4f val/loss %.4f", step, val[M.VAL_ACC], val[M.VAL_LOSS])
+        if val[M.VAL_ACC] > best["acc"]:
+            best.update(acc=val[M.VAL_ACC], step=step, state=trainable_state(model))  # a copy, not a reference
+
+    model.train()
+    bar = tqdm(total=total_steps, desc="training", unit="step")
+    for epoch in range(t.epochs):
+        for batch in train_loader:
+            if batch is None:
+                continue
+            batch = _to(batch, device)
+            with autocast(device, t.precision):
+                logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+                loss = F.cross_entropy(logits.float(), batch["labels"])
+            if not torch.isfinite(loss):
+                raise ClipqaError(f"Non-finite loss {loss.item()} at step {step} (epoch {epoch}, "
+                                  f"optimizer.lr={cfg.optimizer.lr}). Lower optimizer.lr or use trainer.precision=fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += batch["labels"].shape[0]
+            bar.update(1)
+            if step % t.log_every == 0 or step == 1:
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
+                history.append({"step": step, M.TRAIN_LOSS: loss.item(), "train/examples_per_s": rate,
+                                "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch})
+            if step % t.eval_every == 0 and step < total_steps:
+                validate_now()
+            if step >= total_steps:
+                break
+        if step % t.eval_every != 0 or step >= total_steps:  # epoch end (unless just validated)
+            validate_now()
+        if step >= total_steps:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    # 5. test the best weights on the full test split ---------------------------------------------------------------
+    model.load_state_dict(best["state"], strict=False)
+    test_loader = loader(test_split, labels.labels(test_split.answers), False, t.eval_batch_size)
+    test, _ = evaluate(model, test_loader, device, t.precision, "test")
+    prior = M.answer_prior(train_split.answers, train_split.types)
+    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
+    prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
+
+    results: dict[str, float] = {
+        **test,
+        M.VAL_ACC: best["acc"],
+        **prior_metrics,
+        "best_step": best["step"],
+        "steps": step,
+        "train/seconds": train_seconds,
+        "data/n_train": len(train_split),
+        "data/n_val": len(val_split),
+        "data/n_test": len(test_split),
+        "data/n_train_dropped": len(dropped),
+        **counts,
+    }
+    log.info("test/acc %.4f (prior %.4f), val/acc %.4f at step %d", results[M.TEST_ACC],
+             results[M.TEST_PRIOR_ACC], results[M.VAL_ACC], best["step"])
+
+    # 6. files ----------------------------------------------------------------------------------------------------
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    with open(out / "history.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    if t.save_checkpoint:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "config": resolved,
+            "state_dict": best["state"],
+            "frozen": sorted(model.frozen),
+            "label_kind": labels.kind,
+            "classes": labels.classes,
+            "vision_source": backbone.vision_source,
+            "text_source": backbone.text_source,
+            "best_step": best["step"],
+            "metrics": _json_safe(results),
+        }
+        torch.save(ckpt, out / "best.pt.tmp")
+        os.replace(out / "best.pt.tmp", out / "best.pt")
+    return results
+
+
+def _json_safe(d: dict) -> dict:
+    """NaN (a question type absent from a split) becomes null; everything else stays a number."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
