@@ -199,11 +199,19 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         _fail("trainer.device", t.device, "unknown device", "choose auto, cpu, cuda or cuda:N")
     if c.backbone.image_position_offset < 1:
-        _fail("backbone.image_position_offset", c.backbone.image_position_offset, "must be >= 1",
-              "use 64 (COCO-QA questions are shorter than 64 tokens)")
+        _fail(
+            "backbone.image_position_offset",
+            c.backbone.image_position_offset,
+            "must be >= 1",
+            "use 64 (COCO-QA questions are shorter than 64 tokens)",
+        )
     if c.backbone.tiny is None and (c.backbone.vision is None or c.backbone.text is None):
-        _fail("backbone.vision", c.backbone.vision, "a hub name or local folder is needed",
-              "use backbone=hub (openai/clip-vit-base-patch32 + distilbert-base-uncased) or backbone=tiny")
+        _fail(
+            "backbone.vision",
+            c.backbone.vision,
+            "a hub name or local folder is needed",
+            "use backbone=hub (openai/clip-vit-base-patch32 + distilbert-base-uncased) or backbone=tiny",
+        )
 
 
 def _check_optimizer_target(target: str) -> None:
@@ -215,5 +223,9 @@ def _check_optimizer_target(target: str) -> None:
     except Exception:
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        _fail("optimizer._target_", target, "not a torch.optim.Optimizer class",
-              "choose optimizer=adam, optimizer=adamw or optimizer=sgd (conf/optimizer/)")
+        _fail(
+            "optimizer._target_",
+            target,
+            "not a torch.optim.Optimizer class",
+            "choose optimizer=adam, optimizer=adamw or optimizer=sgd (conf/optimizer/)",
+        )

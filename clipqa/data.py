@@ -140,7 +140,8 @@ def attach_images(split: Split, index: dict[int, Path], image_root: str | Path, 
     n_missing = len(split) - len(keep)
     if n_missing:
         lost = sorted({split.image_ids[i] for i in range(len(split)) if split.image_ids[i] not in index})
-        examples = ", ".join(f"COCO_*2014_{i:012d}.jpg" for i in lost[:3])
+        coco = "train2014" if split.name == "train" else "val2014"  # where COCO-QA's questions point
+        examples = ", ".join(f"{coco}/COCO_{coco}_{i:012d}.jpg" for i in lost[:3])
         if on_bad_image == "error":
             raise ClipqaError(
                 f"{len(lost)} images of the COCO-QA {split.name} split are missing from "
@@ -150,7 +151,10 @@ def attach_images(split: Split, index: dict[int, Path], image_root: str | Path, 
             )
         log.warning(
             "skipped %d %s questions whose image is missing (%d images, e.g. %s) <data.on_bad_image=skip>",
-            n_missing, split.name, len(lost), examples,
+            n_missing,
+            split.name,
+            len(lost),
+            examples,
         )
     return split.subset(keep)
 
@@ -167,7 +171,7 @@ class LabelSpace:
     """Answer strings <-> class ids for one of the two heads.
 
     - ``vocab`` (paper): classes are the tokenizer's vocabulary; an answer's label is its wordpiece id if it is
-      exactly one wordpiece, else -1 (such training questions are dropped; at test time they count as wrong).
+      exactly one known wordpiece, else -1 (such training questions are dropped; at test time they count as wrong).
     - ``answers``: classes are the distinct answers of the training split; an unseen answer gets -1 (wrong).
     """
 
@@ -190,7 +194,8 @@ class LabelSpace:
         if self.kind == "vocab":
             for answer in set(answers) - self._ids.keys():
                 pieces = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-                self._ids[answer] = pieces[0] if len(pieces) == 1 else -1
+                ok = len(pieces) == 1 and pieces[0] != self.tokenizer.unk_token_id  # [UNK] is not the answer
+                self._ids[answer] = pieces[0] if ok else -1
         return [self._ids.get(a, -1) for a in answers]
 
     def __len__(self) -> int:

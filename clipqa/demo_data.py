@@ -34,8 +34,13 @@ from tqdm import tqdm
 
 SHAPES = ["circle", "square", "triangle", "diamond"]
 PLURAL = {s: s + "s" for s in SHAPES}
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-          "purple": (140, 40, 170)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 170),
+}
 PLACES = ["beach", "field", "kitchen", "street"]
 NUMBERS = ["one", "two", "three", "four"]
 QUESTIONS_PER_IMAGE = 2
@@ -79,8 +84,9 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         d.polygon(pts, fill=fill, outline=outline, width=2)
     else:  # diamond
-        d.polygon([(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)], fill=fill, outline=outline,
-                  width=2)
+        d.polygon(
+            [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)], fill=fill, outline=outline, width=2
+        )
 
 
 def render(shape: str, color: str, count: int, place: str, size: int, rng: random.Random) -> Image.Image:
@@ -99,16 +105,31 @@ def render(shape: str, color: str, count: int, place: str, size: int, rng: rando
 def _question(qtype: int, shape: str, color: str, count: int, place: str, rng: random.Random) -> tuple[str, str]:
     plural = PLURAL[shape]
     if qtype == 0:
-        q = rng.choice([f"what is the {color} object in the {place}", f"what {color} shape is in the picture",
-                        f"what kind of {color} thing is on the {place}"])
+        q = rng.choice(
+            [
+                f"what is the {color} object in the {place}",
+                f"what {color} shape is in the picture",
+                f"what kind of {color} thing is on the {place}",
+            ]
+        )
         return q, shape
     if qtype == 1:
-        q = rng.choice([f"how many {plural} are there", f"how many {color} {plural} are in the {place}",
-                        f"how many {plural} are in the picture"])
+        q = rng.choice(
+            [
+                f"how many {plural} are there",
+                f"how many {color} {plural} are in the {place}",
+                f"how many {plural} are in the picture",
+            ]
+        )
         return q, NUMBERS[count - 1]
     if qtype == 2:
-        q = rng.choice([f"what color is the {shape}", f"what is the color of the {plural}",
-                        f"what color are the {plural} in the {place}"])
+        q = rng.choice(
+            [
+                f"what color is the {shape}",
+                f"what is the color of the {plural}",
+                f"what color are the {plural} in the {place}",
+            ]
+        )
         return q, color
     q = rng.choice([f"where is the {color} {shape}", f"where are the {plural}", f"where are the {color} {plural}"])
     return q, place

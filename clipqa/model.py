@@ -35,8 +35,17 @@ class MLPMapper(nn.Module):
     Input and output: ``(B, N, in_dim) -> (B, N, out_dim)``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, num_layers: int, hidden_dim: int, activation: str,
-                 final_activation: bool, dropout: float):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        num_layers: int,
+        hidden_dim: int,
+        activation: str,
+        final_activation: bool,
+        dropout: float,
+    ):
         super().__init__()
         if num_layers == 0 and in_dim != out_dim:
             raise ClipqaError(
@@ -64,8 +73,16 @@ class ClipQA(nn.Module):
     from the tokenizer (with [CLS] ... [SEP], dynamically padded).
     """
 
-    def __init__(self, vision: nn.Module, mapper: nn.Module, text: nn.Module, head: nn.Linear, *,
-                 image_position_offset: int, readout: str):
+    def __init__(
+        self,
+        vision: nn.Module,
+        mapper: nn.Module,
+        text: nn.Module,
+        head: nn.Linear,
+        *,
+        image_position_offset: int,
+        readout: str,
+    ):
         super().__init__()
         self.vision, self.mapper, self.text, self.head = vision, mapper, text, head
         self.image_position_offset = image_position_offset
@@ -89,10 +106,12 @@ class ClipQA(nn.Module):
         B, T, N = input_ids.shape[0], input_ids.shape[1], img.shape[1]
         x = torch.cat([words, img.to(words.dtype)], dim=1)  # (B, T + N, D)
         mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
-        positions = torch.cat([
-            torch.arange(T, device=x.device),
-            self.image_position_offset + torch.arange(N, device=x.device),
-        ]).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
+        positions = torch.cat(
+            [
+                torch.arange(T, device=x.device),
+                self.image_position_offset + torch.arange(N, device=x.device),
+            ]
+        ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
         h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B, T+N, D)
         pooled = h[:, 0] if self.readout == "cls" else h[:, -1]  # (B, D): [CLS] or the last image token (paper)
         return self.head(pooled)  # (B, n_classes)
@@ -119,8 +138,14 @@ def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int) -> ClipQA:
     v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.dim
     mapper = build_mapper(cfg.mapper, v_dim, t_dim)
     head = nn.Linear(t_dim, n_classes)
-    return ClipQA(backbone.vision, mapper, backbone.text, head,
-                  image_position_offset=cfg.backbone.image_position_offset, readout=cfg.head.readout)
+    return ClipQA(
+        backbone.vision,
+        mapper,
+        backbone.text,
+        head,
+        image_position_offset=cfg.backbone.image_position_offset,
+        readout=cfg.head.readout,
+    )
 
 
 def apply_freeze(model: ClipQA, *, vision: bool, text: bool, mapper: bool) -> dict[str, int]:
@@ -139,8 +164,14 @@ def apply_freeze(model: ClipQA, *, vision: bool, text: bool, mapper: bool) -> di
         n = sum(p.numel() for p in part.parameters())
         counts[f"params/trainable/{name}"] = 0 if frozen else n
         counts[f"params/frozen/{name}"] = n if frozen else 0
-        log.info("%s %s: %s parameters <freeze.%s=%s>", "freezing" if frozen else "training", name, f"{n:,}",
-                 name, str(frozen).lower() if name != "head" else "n/a")
+        log.info(
+            "%s %s: %s parameters <freeze.%s=%s>",
+            "freezing" if frozen else "training",
+            name,
+            f"{n:,}",
+            name,
+            str(frozen).lower() if name != "head" else "n/a",
+        )
     counts["params/trainable"] = sum(v for k, v in counts.items() if k.startswith("params/trainable/"))
     counts["params/frozen"] = sum(v for k, v in counts.items() if k.startswith("params/frozen/"))
     model.train(model.training)

@@ -73,10 +73,8 @@ def load_backbone(bcfg: DictConfig, cache_dir: str | Path, train_text: list[str]
         vision_src, text_src = str(folder / "vision"), str(folder / "text")
     else:
         vision_src, text_src = str(bcfg.vision), str(bcfg.text)
-    vision = _load("CLIP vision tower", "backbone.vision", vision_src, CLIPVisionModel.from_pretrained)
-    processor = _load("CLIP image processor", "backbone.vision", vision_src, AutoImageProcessor.from_pretrained)
-    text = _load("DistilBERT model", "backbone.text", text_src, DistilBertModel.from_pretrained)
-    tokenizer = _load("DistilBERT tokenizer", "backbone.text", text_src, AutoTokenizer.from_pretrained)
+    backbone = load_sources(vision_src, text_src)
+    vision, text = backbone.vision, backbone.text
     n_img = n_image_tokens(vision)
     offset = bcfg.image_position_offset
     if offset + n_img > text.config.max_position_embeddings:
@@ -85,6 +83,15 @@ def load_backbone(bcfg: DictConfig, cache_dir: str | Path, train_text: list[str]
             f"{text.config.max_position_embeddings} position embeddings ({text_src}). Lower the offset to at most "
             f"{text.config.max_position_embeddings - n_img}."
         )
+    return backbone
+
+
+def load_sources(vision_src: str, text_src: str) -> Backbone:
+    """``from_pretrained`` on a hub name or local folder for each part (also used to rebuild from a checkpoint)."""
+    vision = _load("CLIP vision tower", "backbone.vision", vision_src, CLIPVisionModel.from_pretrained)
+    processor = _load("CLIP image processor", "backbone.vision", vision_src, AutoImageProcessor.from_pretrained)
+    text = _load("DistilBERT model", "backbone.text", text_src, DistilBertModel.from_pretrained)
+    tokenizer = _load("DistilBERT tokenizer", "backbone.text", text_src, AutoTokenizer.from_pretrained)
     return Backbone(vision, processor, text, tokenizer, vision_src, text_src)
 
 
@@ -157,9 +164,15 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> DistilBertTokenizerFas
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return DistilBertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
     )

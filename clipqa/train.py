@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipqa import metrics as M
+from clipqa.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from clipqa.config import validate
 from clipqa.data import (
     Collator,
@@ -48,8 +49,6 @@ from clipqa.model import ClipQA, apply_freeze, build_model, trainable_state
 from clipqa.pretrained import load_backbone
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "clipqa-checkpoint-v1"
 
 
 def seed_everything(seed: int) -> None:
@@ -88,15 +87,21 @@ def load_data(cfg: DictConfig) -> tuple[Split, Split, Split, dict[int, Path]]:
     full_train = attach_images(full_train, index, image_root, d.on_bad_image)
     test = attach_images(test, index, image_root, d.on_bad_image)
     train, val = train_val_split(full_train, d.val_fraction, d.split_seed)
-    log.info("questions: train %d, val %d, test %d <data.val_fraction=%s>", len(train), len(val), len(test),
-             d.val_fraction)
+    log.info(
+        "questions: train %d, val %d, test %d <data.val_fraction=%s>", len(train), len(val), len(test), d.val_fraction
+    )
     return train, val, test, index
 
 
 def make_loader(ds, collate, batch_size: int, shuffle: bool, num_workers: int, seed: int, pin: bool) -> DataLoader:
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None, pin_memory=pin,
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
 
@@ -106,8 +111,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
-def evaluate(model: ClipQA, loader: DataLoader, device: torch.device, precision: str,
-             split: str) -> tuple[dict[str, float], list[int]]:
+def evaluate(
+    model: ClipQA, loader: DataLoader, device: torch.device, precision: str, split: str
+) -> tuple[dict[str, float], list[int]]:
     """``{split}/acc`` (overall + per type) and ``{split}/loss`` over every question of ``loader``.
 
     Questions the head cannot answer (label -1: a multi-wordpiece answer under head=vocab, an answer unseen in
@@ -148,7 +154,9 @@ def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
     try:
         return get_class(ocfg._target_)(params, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ClipqaError(f"Cannot build optimizer {ocfg._target_} with {kwargs}: {e}. Check the optimizer.* keys.") from None
+        raise ClipqaError(
+            f"Cannot build optimizer {ocfg._target_} with {kwargs}: {e}. Check the optimizer.* keys."
+        ) from None
 
 
 def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
@@ -173,8 +181,13 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     dropped = [i for i, y in enumerate(y_train) if y < 0]
     if dropped:
         examples = sorted({train_split.answers[i] for i in dropped})[:5]
-        log.warning("dropped %d of %d training questions whose answer is not one wordpiece (e.g. %s) <head.kind=%s>",
-                    len(dropped), len(train_split), ", ".join(examples), cfg.head.kind)
+        log.warning(
+            "dropped %d of %d training questions whose answer is not one wordpiece (e.g. %s) <head.kind=%s>",
+            len(dropped),
+            len(train_split),
+            ", ".join(examples),
+            cfg.head.kind,
+        )
         keep = [i for i, y in enumerate(y_train) if y >= 0]
         train_split, y_train = train_split.subset(keep), [y_train[i] for i in keep]
     if len(train_split) == 0:
@@ -228,8 +241,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
                 logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
                 loss = F.cross_entropy(logits.float(), batch["labels"])
             if not torch.isfinite(loss):
-                raise ClipqaError(f"Non-finite loss {loss.item()} at step {step} (epoch {epoch}, "
-                                  f"optimizer.lr={cfg.optimizer.lr}). Lower optimizer.lr or use trainer.precision=fp32.")
+                raise ClipqaError(
+                    f"Non-finite loss {loss.item()} at step {step} (epoch {epoch}, "
+                    f"optimizer.lr={cfg.optimizer.lr}). Lower optimizer.lr or use trainer.precision=fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -240,8 +255,15 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             if step % t.log_every == 0 or step == 1:
                 rate = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
-                history.append({"step": step, M.TRAIN_LOSS: loss.item(), "train/examples_per_s": rate,
-                                "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch})
+                history.append(
+                    {
+                        "step": step,
+                        M.TRAIN_LOSS: loss.item(),
+                        "train/examples_per_s": rate,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "epoch": epoch,
+                    }
+                )
             if step % t.eval_every == 0 and step < total_steps:
                 validate_now()
             if step >= total_steps:
@@ -274,8 +296,13 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         "data/n_train_dropped": len(dropped),
         **counts,
     }
-    log.info("test/acc %.4f (prior %.4f), val/acc %.4f at step %d", results[M.TEST_ACC],
-             results[M.TEST_PRIOR_ACC], results[M.VAL_ACC], best["step"])
+    log.info(
+        "test/acc %.4f (prior %.4f), val/acc %.4f at step %d",
+        results[M.TEST_ACC],
+        results[M.TEST_PRIOR_ACC],
+        results[M.VAL_ACC],
+        best["step"],
+    )
 
     # 6. files ----------------------------------------------------------------------------------------------------
     resolved = OmegaConf.to_container(cfg, resolve=True)

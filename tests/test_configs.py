@@ -1,0 +1,66 @@
+"""Every config file composes and passes the typed boundary; bad values fail at start-up naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from clipqa.config import validate
+from clipqa.errors import ClipqaError
+from tests.conftest import CONF, compose_cfg
+
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_config_file_composes_and_validates(path: Path):
+    group, name = path.parent.relative_to(CONF).as_posix(), path.stem
+    overrides = [f"{group}={name}"]
+    if group == "data" and name == "cocoqa":
+        overrides += ["data.root=x", "data.image_root=y"]
+    cfg = validate(compose_cfg(overrides))
+    assert cfg.trainer.batch_size > 0
+    assert path.read_text().startswith("#"), f"{path} needs a header comment: what it is for and the command"
+
+
+def test_main_config_is_the_paper_setup():
+    cfg = validate(compose_cfg([]))
+    assert cfg.backbone.vision == "openai/clip-vit-base-patch32"
+    assert cfg.backbone.text == "distilbert-base-uncased"
+    assert (cfg.mapper.num_layers, cfg.mapper.hidden_dim, cfg.mapper.final_activation) == (2, 1024, True)
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4
+    assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.optimizer.eps == 1e-8
+    assert cfg.trainer.batch_size == 8 and cfg.trainer.epochs == 1
+    assert cfg.freeze.vision and cfg.freeze.text
+    assert cfg.data.val_fraction == 0.1 and cfg.data.split_seed == 42
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer.lr=abc", "optimizer.lr"),
+        ("mapper.num_layers=-1", "mapper.num_layers"),
+        ("mapper.hidden_dim=0", "mapper.hidden_dim"),
+        ("mapper.num_layers=two", "mapper.num_layers"),
+        ("optimizer._target_=torch.optim.NoSuchOptimizer", "optimizer._target_"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("head.kind=softmax", "head.kind"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("+optimizer.lrr=0.1", "lrr"),
+        ("+mapper.layers=3", "layers"),
+    ],
+)
+def test_bad_config_values_fail_at_startup_naming_the_key(override, key):
+    with pytest.raises(ClipqaError) as e:
+        validate(compose_cfg(["experiment=demo", override]))
+    assert key in str(e.value)
+
+
+def test_unknown_group_option_and_misspelt_key_are_refused_by_hydra_naming_them():
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg(["optimizer=adagradx"])
+    assert "optimizer" in str(e.value) and "adagradx" in str(e.value)
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["optimizer.lrr=0.1"])
+    assert "optimizer.lrr" in str(e.value)

@@ -1,0 +1,142 @@
+"""The architecture: mapper shapes, dynamic-padding invariance, readout, freezing, best-weights copies."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from clipqa.errors import ClipqaError
+from clipqa.model import ClipQA, MLPMapper, apply_freeze, trainable_state
+from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
+
+TINY = OmegaConf.create(
+    dict(
+        image_size=32,
+        patch_size=8,
+        vision_dim=32,
+        vision_layers=1,
+        text_dim=32,
+        text_layers=1,
+        heads=2,
+        vocab_size=60,
+        seed=0,
+    )
+)
+TEXT = ["what color is the circle", "how many squares are there in the kitchen", "red", "two"]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = build_tiny(TINY, tmp_path_factory.mktemp("cache"), TEXT)
+    return load_sources(str(folder / "vision"), str(folder / "text"))
+
+
+def make_model(backbone, readout="cls", num_layers=2):
+    mapper = MLPMapper(
+        32, 32, num_layers=num_layers, hidden_dim=48, activation="relu", final_activation=True, dropout=0.0
+    )
+    torch.manual_seed(0)
+    return ClipQA(backbone.vision, mapper, backbone.text, nn.Linear(32, 7), image_position_offset=64, readout=readout)
+
+
+def test_tiny_backbone_is_saved_in_hub_format_and_reloaded_through_from_pretrained(tmp_path):
+    folder = build_tiny(TINY, tmp_path, TEXT)
+    for f in (
+        "vision/config.json",
+        "vision/model.safetensors",
+        "vision/preprocessor_config.json",
+        "text/config.json",
+        "text/model.safetensors",
+        "text/tokenizer.json",
+    ):
+        assert (folder / f).is_file(), f
+    assert build_tiny(TINY, tmp_path, TEXT) == folder  # cached: same key, same folder
+    assert build_tiny(TINY, tmp_path, TEXT + ["new text"]) != folder  # the key covers the training text
+    b = load_sources(str(folder / "vision"), str(folder / "text"))
+    assert n_image_tokens(b.vision) == 17  # (32 / 8)^2 patches + CLS
+    assert b.tokenizer("what color")["input_ids"][0] == b.tokenizer.cls_token_id
+
+
+def test_unreachable_hub_model_says_to_pass_a_local_folder():
+    with pytest.raises(ClipqaError) as e:
+        load_sources("no-such-org/no-such-clip-model", "distilbert-base-uncased")
+    msg = str(e.value)
+    assert "backbone.vision" in msg and "no-such-org/no-such-clip-model" in msg
+    assert "local folder" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_paper_mapper_is_linear_relu_linear_relu_and_zero_layers_is_identity():
+    m = MLPMapper(768, 768, num_layers=2, hidden_dim=1024, activation="relu", final_activation=True, dropout=0.0)
+    assert [type(x).__name__ for x in m.net] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert (m.net[0].in_features, m.net[0].out_features, m.net[2].out_features) == (768, 1024, 768)
+    x = torch.randn(2, 50, 768)
+    assert m(x).shape == (2, 50, 768)
+    ident = MLPMapper(768, 768, num_layers=0, hidden_dim=1024, activation="relu", final_activation=True, dropout=0)
+    assert torch.equal(ident(x), x)
+    no_final = MLPMapper(8, 4, num_layers=1, hidden_dim=16, activation="gelu", final_activation=False, dropout=0)
+    assert [type(x).__name__ for x in no_final.net] == ["Linear"]
+
+
+def test_zero_mapper_layers_with_unequal_widths_is_a_clear_config_error():
+    with pytest.raises(ClipqaError) as e:
+        MLPMapper(768, 64, num_layers=0, hidden_dim=1024, activation="relu", final_activation=True, dropout=0)
+    assert "mapper.num_layers=0" in str(e.value) and "768" in str(e.value)
+
+
+def test_extra_padding_does_not_change_the_answer(backbone):
+    model = make_model(backbone).eval()
+    tok = backbone.tokenizer
+    pixels = torch.randn(1, 3, 32, 32)
+    short = tok(["what color is the circle"], return_tensors="pt")
+    padded = tok(["what color is the circle"], padding="max_length", max_length=20, return_tensors="pt")
+    with torch.no_grad():
+        a = model(pixels, short["input_ids"], short["attention_mask"])
+        b = model(pixels, padded["input_ids"], padded["attention_mask"])
+    assert a.shape == (1, 7)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_readout_last_reads_the_last_image_token(backbone):
+    tok = backbone.tokenizer
+    enc = tok(["what color is the circle"], return_tensors="pt")
+    pixels = torch.randn(1, 3, 32, 32)
+    cls_model, last_model = make_model(backbone, "cls").eval(), make_model(backbone, "last").eval()
+    last_model.head.load_state_dict(cls_model.head.state_dict())
+    with torch.no_grad():
+        a = cls_model(pixels, enc["input_ids"], enc["attention_mask"])
+        b = last_model(pixels, enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(a, b)
+
+
+def test_freezing_is_applied_in_one_place_with_counts_and_frozen_parts_stay_in_eval_mode(backbone):
+    model = make_model(backbone)
+    counts = apply_freeze(model, vision=True, text=True, mapper=False)
+    n_vision = sum(p.numel() for p in model.vision.parameters())
+    assert counts["params/frozen/vision"] == n_vision and counts["params/trainable/vision"] == 0
+    assert counts["params/trainable/mapper"] == sum(p.numel() for p in model.mapper.parameters())
+    assert counts["params/trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.train()
+    assert not model.text.training and not model.vision.training and model.mapper.training
+    apply_freeze(model, vision=True, text=False, mapper=False)
+    model.train()
+    assert model.text.training and all(p.requires_grad for p in model.text.parameters())
+
+
+def test_gradients_reach_the_mapper_through_a_frozen_text_model(backbone):
+    model = make_model(backbone)
+    apply_freeze(model, vision=True, text=True, mapper=False)
+    enc = backbone.tokenizer(["what color is the circle"], return_tensors="pt")
+    model(torch.randn(1, 3, 32, 32), enc["input_ids"], enc["attention_mask"]).sum().backward()
+    assert model.mapper.net[0].weight.grad is not None
+    assert all(p.grad is None for p in model.text.parameters())
+
+
+def test_best_weights_are_a_copy_not_a_reference(backbone):
+    model = make_model(backbone)
+    apply_freeze(model, vision=True, text=True, mapper=False)
+    snap = trainable_state(model)
+    assert not any(k.startswith(("vision.", "text.")) for k in snap)
+    before = snap["head.weight"].clone()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    assert torch.equal(snap["head.weight"], before)

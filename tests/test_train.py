@@ -1,0 +1,120 @@
+"""Short real training runs on the demo and on a hand-made COCO-QA folder (the run function called directly)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipqa.checkpoint import load_checkpoint
+from clipqa.errors import ClipqaError
+from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
+from clipqa.train import train
+from tests.conftest import compose_cfg
+from tests.handmade import make_cocoqa
+
+INTERFACE_KEYS = [TEST_ACC, VAL_ACC, TEST_PRIOR_ACC] + [f"{TEST_ACC}/{t}" for t in TYPE_NAMES.values()]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cache_dir):
+    """One short demo run shared by the tests below (4 epochs x 29 steps, about 20 s on 2 cores)."""
+    from tests.conftest import SMALL_DEMO
+
+    out = tmp_path_factory.mktemp("demo-run")
+    cfg = compose_cfg([*SMALL_DEMO, "trainer.epochs=4", "trainer.eval_every=20"], cache_dir)
+    return cfg, out, train(cfg, out)
+
+
+def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(demo_run):
+    _, out, metrics = demo_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in INTERFACE_KEYS:
+        assert 0.0 <= on_disk[key] <= 1.0, key
+    assert on_disk == pytest.approx(metrics)
+    assert metrics[TEST_ACC] >= metrics[TEST_PRIOR_ACC] + 0.15, metrics
+    assert metrics["data/n_test"] == 200  # the full test split, not a few batches
+    assert (out / "best.pt").is_file() and (out / "config.yaml").is_file()
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    # every trainer.eval_every steps and at each epoch end (29 steps per epoch)
+    assert [h["step"] for h in history if VAL_ACC in h][:3] == [20, 29, 40]
+
+
+def test_best_checkpoint_loads_without_hydra_and_reproduces_test_accuracy(demo_run):
+    from clipqa.data import Collator, LabelSpace, QADataset, index_images, read_split
+    from clipqa.train import evaluate, make_loader
+
+    _, out, metrics = demo_run
+    model, backbone, classes = load_checkpoint(out / "best.pt")
+    root = next(Path(demo_run[0].paths.cache_dir).glob("demo/v1-train1000-test200-*"))
+    test = read_split(root, "test")
+    labels = LabelSpace("vocab", classes, backbone.tokenizer).labels(test.answers)
+    ds = QADataset(test, labels, index_images(root / "images"), backbone.image_processor, "error")
+    loader = make_loader(ds, Collator(backbone.tokenizer, 64), 64, False, 0, 0, False)
+    again, _ = evaluate(model, loader, torch.device("cpu"), "fp32", "test")
+    assert again[TEST_ACC] == pytest.approx(metrics[TEST_ACC])
+
+
+def test_same_config_and_seed_give_the_same_metrics_on_cpu(small_demo_cfg, tmp_path):
+    cfg = small_demo_cfg("trainer.max_steps=12", "trainer.eval_every=6", "trainer.save_checkpoint=false")
+    a, b = train(cfg, tmp_path / "a"), train(cfg, tmp_path / "b")
+    drop = ("train/seconds",)
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert a["steps"] == 12 and not (tmp_path / "a" / "best.pt").exists()
+
+
+def test_trains_on_a_hand_made_folder_in_the_real_cocoqa_and_coco_layout(tmp_path, cache_dir):
+    data_root, image_root = make_cocoqa(tmp_path, n_train_images=40, n_test_images=12)
+    cfg = compose_cfg(
+        [
+            f"data.root={data_root}",
+            f"data.image_root={image_root}",
+            "backbone=tiny",
+            "backbone.tiny.image_size=32",
+            "mapper.hidden_dim=32",
+            "head=answers",
+            "head.readout=last",
+            "trainer.batch_size=16",
+            "trainer.epochs=1",
+            "trainer.num_workers=1",
+            "optimizer=adamw",
+            "optimizer.lr=1e-3",
+        ],
+        cache_dir,
+    )
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["data/n_test"] == 24 and metrics["data/n_train"] + metrics["data/n_val"] == 80
+    assert metrics["params/frozen/text"] > 0 and metrics["params/trainable/text"] == 0  # freeze=text default
+    assert set(INTERFACE_KEYS) <= set(json.loads((tmp_path / "run" / "metrics.json").read_text()))
+
+
+def test_vocab_head_drops_and_counts_multi_wordpiece_training_answers(tmp_path, cache_dir, caplog):
+    data_root, image_root = make_cocoqa(tmp_path, n_train_images=20, n_test_images=4)
+    answers = data_root / "train" / "answers.txt"
+    lines = answers.read_text().splitlines()
+    lines[:3] = ["xylophonequartz"] * 3  # too rare for the tiny WordPiece vocabulary to hold as one piece
+    answers.write_text("\n".join(lines) + "\n")
+    cfg = compose_cfg(
+        [
+            f"data.root={data_root}",
+            f"data.image_root={image_root}",
+            "backbone=tiny",
+            "backbone.tiny.image_size=32",
+            "backbone.tiny.vocab_size=120",
+            "trainer.max_steps=2",
+            "trainer.num_workers=0",
+            "data.val_fraction=0.05",
+            "trainer.save_checkpoint=false",
+        ],
+        cache_dir,
+    )
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["data/n_train_dropped"] >= 1
+    assert "not one wordpiece" in caplog.text
+
+
+def test_missing_dataset_error_names_the_folder_and_the_demo(tmp_path, cache_dir):
+    cfg = compose_cfg([f"data.root={tmp_path}/cocoqa", f"data.image_root={tmp_path}/coco"], cache_dir)
+    with pytest.raises(ClipqaError) as e:
+        train(cfg, tmp_path / "out")
+    assert f"{tmp_path}/cocoqa/train" in str(e.value) and "experiment=demo" in str(e.value)
