@@ -133,7 +133,8 @@ def test_validation_split_is_seeded_and_ten_percent(handmade):
     _, c_val = train_val_split(train, 0.25, seed=43)
     assert a_val.questions == b_val.questions and len(a_val) == 6 and len(a_train) == 18
     assert a_val.questions != c_val.questions
-    assert not set(zip(a_val.image_ids, a_val.questions)) & set(zip(a_train.image_ids, a_train.questions))
+    val_pairs = set(zip(a_val.image_ids, a_val.questions, strict=True))
+    assert not val_pairs & set(zip(a_train.image_ids, a_train.questions, strict=True))
 
 
 def test_questions_are_padded_per_batch_not_to_63():
