@@ -22,13 +22,15 @@ log = logging.getLogger("clipqa")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from clipqa.train import train  # imported here so `--help`/`--cfg` stay fast
+    from clipqa.config import validate
 
     try:
+        validate(cfg)  # bad config values fail here, before torch/transformers load the models
+        from clipqa.train import train
+
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     except ClipqaError as e:
-        log.error("%s", e)
-        print(f"clipqa: error: {e}", file=sys.stderr)
+        log.error("clipqa: error: %s", e)  # console and the run's train.log, one paragraph, no traceback
         sys.exit(2)
     return metrics[OBJECTIVE]
 

@@ -1,0 +1,52 @@
+"""`python train.py ...` as a user runs it: bad input ends with one clear paragraph and exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_DEMO
+
+
+def run_cli(*args: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["experiment=demo", "optimizer.lr=abc"], ["optimizer.lr", "abc"]),
+        (["experiment=demo", "mapper.num_layers=-1"], ["mapper.num_layers", ">= 0"]),
+        (["data.root=no/such/cocoqa", "data.image_root=no/such/coco"], ["no/such/cocoqa/train", "experiment=demo"]),
+    ],
+    ids=["lr-abc", "num-layers-negative", "missing-data"],
+)
+def test_bad_input_prints_one_paragraph_without_a_traceback(args, needles, tmp_path, cache_dir):
+    r = run_cli(*args, f"hydra.run.dir={tmp_path}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out
+    for needle in needles:
+        assert needle in out
+
+
+def test_unreachable_hub_model_offline_is_a_clear_error(tmp_path, cache_dir):
+    r = run_cli(*SMALL_DEMO, "backbone=hub", "backbone.vision=no-such-org/clip", f"hydra.run.dir={tmp_path}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-2000:]
+    assert "Traceback" not in out and "backbone.vision=no-such-org/clip" in out and "local folder" in out
+
+
+def test_train_py_runs_from_another_directory_and_leaves_the_run_files(tmp_path, cache_dir):
+    r = run_cli(*SMALL_DEMO, "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    for f in (".hydra/config.yaml", ".hydra/overrides.yaml", "best.pt", "config.yaml"):
+        assert (tmp_path / "run" / f).is_file(), f
