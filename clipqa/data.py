@@ -203,7 +203,7 @@ class LabelSpace:
 
 
 class QADataset(Dataset):
-    """Items: ``{"pixel_values": (3, H, W) float, "question": str, "label": int (-1 = unanswerable), "type": int}``.
+    """Items: ``{"pixel_values": (3, H, W), "question": str, "label": int (-1 = unanswerable), "type", "index"}``.
 
     Images are decoded here (so DataLoader workers do it) and converted to RGB, so greyscale, CMYK and PNG-with-
     alpha files work. An unreadable image raises ClipqaError naming the file (``data.on_bad_image=error``) or is
@@ -237,6 +237,7 @@ class QADataset(Dataset):
             "question": self.split.questions[i],
             "label": self.labels[i],
             "type": self.split.types[i],
+            "index": i,
         }
 
 
@@ -244,7 +245,7 @@ class Collator:
     """Stack images and tokenize questions with per-batch (dynamic) padding, not a fixed 63 tokens.
 
     Batch: ``pixel_values (B, 3, H, W)``, ``input_ids``/``attention_mask (B, T)`` with T = longest question in the
-    batch (capped at ``max_tokens``), ``labels (B,)``, ``types (B,)``.
+    batch (capped at ``max_tokens``), ``labels (B,)``, ``types (B,)``, ``index (B,)`` (question number in the split).
     """
 
     def __init__(self, tokenizer, max_tokens: int):
@@ -267,4 +268,5 @@ class Collator:
             "attention_mask": enc["attention_mask"],  # (B, T)
             "labels": torch.tensor([it["label"] for it in items]),  # (B,)
             "types": torch.tensor([it["type"] for it in items]),  # (B,)
+            "index": torch.tensor([it["index"] for it in items]),  # (B,) position in the split
         }

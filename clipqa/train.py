@@ -113,17 +113,18 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 @torch.no_grad()
 def evaluate(
     model: ClipQA, loader: DataLoader, device: torch.device, precision: str, split: str
-) -> tuple[dict[str, float], list[int]]:
+) -> tuple[dict[str, float], dict[int, int]]:
     """``{split}/acc`` (overall + per type) and ``{split}/loss`` over every question of ``loader``.
 
     Questions the head cannot answer (label -1: a multi-wordpiece answer under head=vocab, an answer unseen in
-    training under head=answers) count as wrong and are left out of the loss only. Returns (metrics, predictions).
+    training under head=answers) count as wrong and are left out of the loss only. Returns (metrics, predictions)
+    with predictions mapping question number in the split -> predicted class id.
     """
     was_training = model.training
     model.eval()
     correct: list[bool] = []
     types: list[int] = []
-    preds: list[int] = []
+    preds: dict[int, int] = {}
     loss_sum, loss_n = 0.0, 0
     for batch in tqdm(loader, desc=f"evaluating {split}", leave=False, unit="batch"):
         if batch is None:
@@ -139,7 +140,7 @@ def evaluate(
         pred = logits.argmax(-1)
         correct += (pred == labels).tolist()
         types += batch["types"].tolist()
-        preds += pred.tolist()
+        preds.update(zip(batch["index"].tolist(), pred.tolist(), strict=True))
     model.train(was_training)
     out = M.accuracy_by_type(correct, types, f"{split}/acc")
     out[f"{split}/loss"] = loss_sum / loss_n if loss_n else float("nan")
@@ -173,6 +174,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
 
     # 2. data ------------------------------------------------------------------------------------------------------
     train_split, val_split, test_split, index = load_data(cfg)
+    prior = M.answer_prior(train_split.answers, train_split.types)  # before any head-specific drop
 
     # 3. backbone, labels, model -----------------------------------------------------------------------------------
     backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
@@ -193,9 +195,14 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     if len(train_split) == 0:
         raise ClipqaError(f"No trainable questions left (head.kind={cfg.head.kind}). Try head=answers.")
     max_tokens = cfg.backbone.image_position_offset  # question positions must stay below the image positions
-    n_long = sum(len(ids) > max_tokens for ids in backbone.tokenizer(test_split.questions[:2000])["input_ids"])
+    all_questions = train_split.questions + val_split.questions + test_split.questions
+    n_long = sum(len(ids) > max_tokens for ids in backbone.tokenizer(all_questions)["input_ids"])
     if n_long:
-        log.warning("some questions exceed %d tokens and are truncated <backbone.image_position_offset>", max_tokens)
+        log.warning(
+            "%d questions are longer than %d tokens and are truncated <backbone.image_position_offset>",
+            n_long,
+            max_tokens,
+        )
 
     model = build_model(cfg, backbone, len(labels)).to(device)
     counts = apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
@@ -233,6 +240,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     model.train()
     bar = tqdm(total=total_steps, desc="training", unit="step")
     for epoch in range(t.epochs):
+        bar.set_description(f"training epoch {epoch + 1}/{t.epochs}")
         for batch in train_loader:
             if batch is None:
                 continue
@@ -278,8 +286,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     # 5. test the best weights on the full test split ---------------------------------------------------------------
     model.load_state_dict(best["state"], strict=False)
     test_loader = loader(test_split, labels.labels(test_split.answers), False, t.eval_batch_size)
-    test, _ = evaluate(model, test_loader, device, t.precision, "test")
-    prior = M.answer_prior(train_split.answers, train_split.types)
+    test, test_preds = evaluate(model, test_loader, device, t.precision, "test")
     prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
     prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
 
@@ -311,6 +318,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         for row in history:
             f.write(json.dumps(row) + "\n")
     (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    write_predictions(out / "test_predictions.tsv", test_split, test_preds, labels.classes)
     if t.save_checkpoint:
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -327,6 +335,15 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         torch.save(ckpt, out / "best.pt.tmp")
         os.replace(out / "best.pt.tmp", out / "best.pt")
     return results
+
+
+def write_predictions(path: Path, split: Split, preds: dict[int, int], classes: list[str]) -> None:
+    """One row per test question (for error analysis); questions skipped for unreadable images are absent."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("image_id\ttype\tquestion\tanswer\tprediction\tcorrect\n")
+        for i, pred in sorted(preds.items()):
+            answer, guess, qtype = split.answers[i], classes[pred], M.TYPE_NAMES[split.types[i]]
+            f.write(f"{split.image_ids[i]}\t{qtype}\t{split.questions[i]}\t{answer}\t{guess}\t{int(answer == guess)}\n")
 
 
 def _json_safe(d: dict) -> dict:

@@ -11,8 +11,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_multirun_over_mapper_depth_leaves_three_independent_runs(tmp_path, cache_dir):
-    small = ["data.synthetic.n_train=600", "data.synthetic.n_test=100", "data.synthetic.image_size=64",
-             "trainer.max_steps=6", "trainer.num_workers=0"]
+    small = [
+        "data.synthetic.n_train=600",
+        "data.synthetic.n_test=100",
+        "data.synthetic.image_size=64",
+        "trainer.max_steps=6",
+        "trainer.num_workers=0",
+    ]
     r = run_cli("-m", "experiment=demo", "mapper.num_layers=0,1,2", *small, f"hydra.sweep.dir={tmp_path}")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     layers = []

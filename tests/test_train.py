@@ -35,6 +35,9 @@ def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(de
     assert metrics[TEST_ACC] >= metrics[TEST_PRIOR_ACC] + 0.15, metrics
     assert metrics["data/n_test"] == 200  # the full test split, not a few batches
     assert (out / "best.pt").is_file() and (out / "config.yaml").is_file()
+    rows = (out / "test_predictions.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 200
+    assert sum(int(r.split("\t")[-1]) for r in rows) / 200 == pytest.approx(metrics[TEST_ACC])
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     # every trainer.eval_every steps and at each epoch end (29 steps per epoch)
     assert [h["step"] for h in history if VAL_ACC in h][:3] == [20, 29, 40]
