@@ -26,9 +26,10 @@ def main(cfg: DictConfig) -> float:
 
     try:
         validate(cfg)  # bad config values fail here, before torch/transformers load the models
+        from clipqa.tracking import hydra_run_info
         from clipqa.train import train
 
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir, hydra_run_info())
     except ClipqaError as e:
         log.error("clipqa: error: %s", e)  # console and the run's train.log, one paragraph, no traceback
         sys.exit(2)

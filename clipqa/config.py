@@ -117,6 +117,14 @@ class TrainerConfig:
 
 
 @dataclass
+class TrackingConfig:
+    backend: str = MISSING  # mlflow | none
+    uri: str | None = MISSING  # None: sqlite:///<project folder>/mlflow.db
+    experiment: str = MISSING
+    log_checkpoint: bool | None = MISSING  # None: yes for single runs, no for sweep jobs
+
+
+@dataclass
 class RunConfig:
     paths: PathsConfig = MISSING
     data: DataConfig = MISSING
@@ -126,6 +134,7 @@ class RunConfig:
     freeze: FreezeConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
 
 
 def _fail(key: str, value: object, problem: str, fix: str) -> None:
@@ -172,6 +181,10 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
         _fail("mapper.activation", m.activation, "unknown activation", "choose relu, gelu or tanh")
     if not 0.0 <= m.dropout < 1.0:
         _fail("mapper.dropout", m.dropout, "must be in [0, 1)", "use e.g. mapper.dropout=0.1")
+    if c.tracking.backend not in ("mlflow", "none"):
+        _fail(
+            "tracking.backend", c.tracking.backend, "unknown tracking backend", "use tracking=mlflow or tracking=none"
+        )
     if c.head.kind not in ("vocab", "answers"):
         _fail("head.kind", c.head.kind, "unknown head", "choose head=vocab (paper) or head=answers")
     if c.head.readout not in ("cls", "last"):

@@ -9,6 +9,7 @@ reads top to bottom:
 4. train: validation every ``trainer.eval_every`` steps and at each epoch end, best weights kept as a copy
 5. evaluate the best weights on the full test split (overall + per type) beside the answer-prior baseline
 6. write ``metrics.json``, ``config.yaml`` (resolved) and ``best.pt`` (weights + config, loadable without Hydra)
+7. log the final metrics and the files to the tracker (MLflow unless ``tracking=none``)
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from clipqa.data import (
 from clipqa.demo_data import ensure_demo
 from clipqa.errors import ClipqaError
 from clipqa.model import ClipQA, apply_freeze, build_model, trainable_state
+from clipqa.plots import save_curves
 from clipqa.pretrained import load_backbone
+from clipqa.tracking import RunInfo, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +163,31 @@ def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
         ) from None
 
 
-def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
-    """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics."""
-    # 1. config, seed, device ------------------------------------------------------------------------------------
+def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None) -> dict[str, float]:
+    """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics.
+
+    ``info`` places the run in its Hydra sweep (for tracking: run name, parent run); ``train.py`` passes it.
+    The tracked run ends FINISHED, FAILED (with the error message as tag ``error``) or KILLED (Ctrl-C).
+    """
     cfg = validate(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    info = info or RunInfo()
+    tracker = make_tracker(cfg, info)
+    try:
+        results = _run(cfg, out, tracker, info)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as e:
+        tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    tracker.finish("FINISHED")
+    return results
+
+
+def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo) -> dict[str, float]:
+    # 1. seed, device ----------------------------------------------------------------------------------------------
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
     t = cfg.trainer
     seed_everything(t.seed)
@@ -206,6 +228,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
 
     model = build_model(cfg, backbone, len(labels)).to(device)
     counts = apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
+    tracker.log_params(counts)
     log.info("parameters: %s trainable, %s frozen", f"{counts['params/trainable']:,}", f"{counts['params/frozen']:,}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, trainable)
@@ -233,6 +256,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     def validate_now() -> None:
         val, _ = evaluate(model, val_loader, device, t.precision, "val")
         history.append({"step": step, **val})
+        tracker.log_metrics(val, step)
         log.info("step %d: val/acc %.4f val/loss %.4f", step, val[M.VAL_ACC], val[M.VAL_LOSS])
         if val[M.VAL_ACC] > best["acc"]:
             best.update(acc=val[M.VAL_ACC], step=step, state=trainable_state(model))  # a copy, not a reference
@@ -263,15 +287,14 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             if step % t.log_every == 0 or step == 1:
                 rate = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
-                history.append(
-                    {
-                        "step": step,
-                        M.TRAIN_LOSS: loss.item(),
-                        "train/examples_per_s": rate,
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "epoch": epoch,
-                    }
-                )
+                row = {
+                    M.TRAIN_LOSS: loss.item(),
+                    "train/examples_per_s": rate,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "epoch": epoch,
+                }
+                history.append({"step": step, **row})
+                tracker.log_metrics(row, step)
             if step % t.eval_every == 0 and step < total_steps:
                 validate_now()
             if step >= total_steps:
@@ -319,6 +342,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             f.write(json.dumps(row) + "\n")
     (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     write_predictions(out / "test_predictions.tsv", test_split, test_preds, labels.classes)
+    curves = save_curves(history, out)
     if t.save_checkpoint:
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -334,6 +358,16 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         }
         torch.save(ckpt, out / "best.pt.tmp")
         os.replace(out / "best.pt.tmp", out / "best.pt")
+
+    # 7. tracking: final metrics (same names as metrics.json) and artifacts ----------------------------------------
+    tracker.log_metrics(results, step)
+    for f in [out / "config.yaml", out / "metrics.json", out / "test_predictions.tsv", *curves]:
+        tracker.log_artifact(f)
+    if (out / ".hydra" / "overrides.yaml").is_file():
+        tracker.log_artifact(out / ".hydra" / "overrides.yaml", "hydra")
+    log_ckpt = cfg.tracking.log_checkpoint
+    if (not info.multirun if log_ckpt is None else log_ckpt) and (out / "best.pt").is_file():
+        tracker.log_artifact(out / "best.pt", "checkpoint")
     return results
 
 

@@ -25,14 +25,19 @@ SMALL_DEMO = [
     "trainer.num_workers=0",
     "trainer.epochs=2",
     "optimizer.lr=2e-3",
+    "tracking=none",
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache folder (demo data, tiny backbones) shared by the whole session; also used by subprocesses."""
+    """One cache folder (demo data, tiny backbones) shared by the whole session; also used by subprocesses.
+
+    Also points MLflow's default store at a session folder, so no test writes to the project's mlflow.db.
+    """
     d = tmp_path_factory.mktemp("clipqa-cache")
     os.environ["CLIPQA_CACHE_DIR"] = str(d)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'session-mlflow.db'}"
     return d
 
 

@@ -140,7 +140,7 @@ def test_validation_split_is_seeded_and_ten_percent(handmade):
 def test_questions_are_padded_per_batch_not_to_63():
     tok = train_wordpiece(["what color is the circle in the big kitchen", "how many", "red"], 200)
     collate = Collator(tok, max_tokens=64)
-    item = {"pixel_values": _pixels(), "label": 1, "type": 0}
+    item = {"pixel_values": _pixels(), "label": 1, "type": 0, "index": 0}
     batch = collate([{**item, "question": "how many"}, {**item, "question": "what color is the circle"}])
     assert batch["input_ids"].shape == (2, 7)  # [CLS] what color is the circle [SEP]
     assert batch["attention_mask"].sum(1).tolist() == [4, 7]

@@ -1,0 +1,92 @@
+"""Matplotlib figures for a run (learning curves) and for a comparison (the report). Headless (Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from clipqa.metrics import TYPE_NAMES  # noqa: E402
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    rows = [(h["step"], h[key]) for h in history if key in h and h[key] is not None]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def save_curves(history: list[dict], out_dir: Path) -> list[Path]:
+    """``loss.png`` (train and val loss vs optimizer step) and ``accuracy.png`` (val accuracy, overall + per type)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
+        x, y = _series(history, key)
+        if x:
+            ax.plot(x, y, marker="." if key.startswith("val") else None, label=label)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="Loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)
+    paths.append(out_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x, y = _series(history, "val/acc")
+    ax.plot(x, y, marker="o", linewidth=2, label="all")
+    for name in TYPE_NAMES.values():
+        x, y = _series(history, f"val/acc/{name}")
+        if x:
+            ax.plot(x, y, linestyle="--", label=name)
+    ax.set(xlabel="optimizer step", ylabel="validation accuracy", ylim=(0, 1), title="Validation accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=100)
+    plt.close(fig)
+    paths.append(out_dir / "accuracy.png")
+    return paths
+
+
+def comparison_chart(rows: list[dict], path: Path) -> None:
+    """Grouped bars per variant: test accuracy (with its 95% interval) and per-type accuracy."""
+    import numpy as np
+
+    keys = ["test/acc"] + [f"test/acc/{t}" for t in TYPE_NAMES.values()]
+    labels = ["all"] + list(TYPE_NAMES.values())
+    n, k = len(rows), len(keys)
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n + 2), 4.5))
+    x = np.arange(n)
+    for j, (key, label) in enumerate(zip(keys, labels, strict=True)):
+        vals = [r.get(key) or 0.0 for r in rows]
+        err = None
+        if key == "test/acc":
+            err = [[r["test/acc"] - r["ci_low"] for r in rows], [r["ci_high"] - r["test/acc"] for r in rows]]
+        ax.bar(x + (j - (k - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=label)
+    prior = [r.get("test/prior_acc") for r in rows]
+    if any(p is not None for p in prior):
+        ax.scatter(x, [p or 0 for p in prior], marker="_", s=400, color="black", zorder=3, label="answer prior")
+    ax.set_xticks(x, [r["variant"] for r in rows], rotation=20, ha="right")
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy per variant (bars: 95% interval)")
+    ax.legend(fontsize=8, ncols=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curves_chart(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    """Validation accuracy and training loss vs step, one line per run (``curves[run][metric] = [(step, v)]``)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        if c.get("val/acc"):
+            a1.plot(*zip(*c["val/acc"], strict=True), marker=".", label=name)
+        if c.get("train/loss"):
+            a2.plot(*zip(*c["train/loss"], strict=True), label=name)
+    a1.set(xlabel="optimizer step", ylabel="validation accuracy", ylim=(0, 1), title="Validation accuracy")
+    a2.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,282 @@
+"""Experiment tracking: the only module that writes to MLflow. The training loop calls a :class:`Tracker`.
+
+- One MLflow run per training run, named from its overrides (``mapper.num_layers=2,freeze=text``), never random.
+- Default store: ``sqlite:///<project folder>/mlflow.db`` (absolute, so every run of every sweep lands in one store
+  whatever the working directory), artifacts in ``<project folder>/mlartifacts``. ``tracking.uri`` and
+  ``tracking.experiment`` point at any tracking server; ``tracking=none`` turns tracking off.
+- A Hydra multirun gets a parent run (:class:`MlflowSweepCallback`, registered in ``conf/config.yaml``) created in
+  the launching process before any job starts (which also initialises a fresh SQLite store once: two processes
+  creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib launcher), find it through a small
+  file in the sweep folder and nest under it (``mlflow.parentRunId``).
+- ``mlflow`` is imported lazily, so ``tracking=none`` runs never pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+PARENT_FILE = ".clipqa_mlflow_parent.json"  # in the sweep folder: how jobs find their parent run
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value; longer values live in the config.yaml artifact
+# Keys that never name a variant: where things are written, not what is trained.
+NOT_VARIANT_PREFIXES = ("hydra.", "tracking.", "paths.", "trainer.num_workers", "trainer.save_checkpoint")
+
+
+@dataclass
+class RunInfo:
+    """Where a run sits: its command-line overrides, and its sweep (job number, sweep folder) when in a multirun."""
+
+    overrides: list[str] = field(default_factory=list)
+    job_num: int | None = None
+    sweep_dir: str | None = None
+    multirun: bool = False
+
+
+def hydra_run_info() -> RunInfo:
+    """RunInfo from Hydra's runtime config; an empty RunInfo when called outside ``@hydra.main``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return RunInfo()
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return RunInfo(
+        overrides=list(hc.overrides.task),
+        job_num=hc.job.num if multirun else None,
+        sweep_dir=str(Path(hc.sweep.dir).resolve()) if multirun else None,
+        multirun=multirun,
+    )
+
+
+def default_uri() -> str:
+    return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """``None`` -> the project's SQLite store; a relative ``sqlite:///`` path -> absolute (cwd-independent)."""
+    if not uri:
+        return default_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file; a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"mapper": {"num_layers": 2}} -> {"mapper.num_layers": 2}``; lists are kept as values."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def override_key(override: str) -> str:
+    """``+mapper.num_layers=2`` -> ``mapper.num_layers``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def run_name(info: RunInfo, swept: list[str] | None = None) -> str:
+    """Readable and unique within a sweep: the swept overrides (all overrides for a single run)."""
+    picked = [o for o in info.overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
+    if swept:
+        picked = [o for o in picked if override_key(o) in swept] or picked
+    name = ",".join(picked) or "defaults"
+    if info.multirun and not swept:
+        name = f"{name}#{info.job_num}"
+    return name
+
+
+def git_commit() -> str | None:
+    try:
+        return (
+            subprocess.run(
+                ["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_or_create_experiment(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException:  # created by a concurrent process in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """The interface the training loop uses. This base class records nothing (``tracking=none``)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None: ...
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run, written through ``MlflowClient`` (explicit run ids: no global active-run state)."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str]):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        log.info("MLflow run %r (%s) in experiment %r at %s <tracking.uri>", name, self.run_id, experiment, uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = []
+        for k, v in params.items():
+            s = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+            if len(s) > MAX_PARAM_LEN:
+                s = s[: MAX_PARAM_LEN - 40] + "... (truncated; see config.yaml)"
+            items.append(Param(k, s))
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, int | float) and v == v
+        ]  # NaN (absent type) is not logged
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if error:
+            self.set_tags({"error": error})
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(cfg: DictConfig, info: RunInfo) -> Tracker:
+    """Start the run's tracker from ``cfg.tracking`` and log the flattened resolved config as params."""
+    t = cfg.tracking
+    if t.backend == "none":
+        return Tracker()
+    uri = resolve_uri(t.uri)
+    parent = read_parent(info.sweep_dir) if info.multirun else None
+    tags = {"clipqa.overrides": " ".join(info.overrides) or "(none)"}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if info.multirun:
+        tags.update({"hydra.job.num": str(info.job_num), "hydra.sweep.dir": str(info.sweep_dir)})
+    if parent:
+        tags["mlflow.parentRunId"] = parent["run_id"]
+        tags["hydra.sweep.id"] = parent["run_id"]
+    tracker = MlflowTracker(uri, t.experiment, run_name(info, parent["swept"] if parent else None), tags)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    tracker.log_params(flatten(resolved))
+    return tracker
+
+
+def read_parent(sweep_dir: str | None) -> dict | None:
+    if not sweep_dir or not (Path(sweep_dir) / PARENT_FILE).is_file():
+        return None
+    return json.loads((Path(sweep_dir) / PARENT_FILE).read_text())
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: a parent MLflow run per multirun, created before any job starts; closed at the end.
+
+    Registered in ``conf/config.yaml`` under ``hydra.callbacks``. The sweep's comparison report is written into the
+    sweep folder and logged as artifacts of the parent run.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if config.tracking.backend == "none":
+            return
+        overrides = list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+        uri = resolve_uri(config.tracking.uri)
+        name = "sweep: " + (" ".join(overrides) or "defaults")
+        tags = {"clipqa.sweep": "true", "clipqa.overrides": " ".join(overrides)}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        parent = MlflowTracker(uri, config.tracking.experiment, name, tags)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent.run_id, "uri": uri, "swept": swept}))
+        parent.set_tags({"hydra.sweep.dir": str(sweep_dir)})
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.tracking.backend == "none":
+            return
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        parent = read_parent(str(sweep_dir))
+        if parent is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from clipqa.report import make_report
+
+        client = MlflowClient(tracking_uri=parent["uri"])
+        run = client.get_run(parent["run_id"])
+        try:
+            out = sweep_dir / "report"
+            make_report(parent["uri"], experiment_id=run.info.experiment_id, parent_run_id=parent["run_id"], out=out)
+            for f in sorted(out.iterdir()):
+                client.log_artifact(parent["run_id"], str(f), "report")
+            log.info("sweep report: %s", out / "report.md")
+        except Exception as e:  # a report problem must not hide the sweep's results
+            log.warning("could not write the sweep report: %s", e)
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+        failed = [c for c in children if c.info.status != "FINISHED"]
+        client.set_tag(parent["run_id"], "clipqa.jobs", f"{len(children) - len(failed)}/{len(children)} finished")
+        client.set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
