@@ -25,7 +25,7 @@ from clipqa.tracking import NOT_VARIANT_PREFIXES, PARENT_FILE, read_parent, reso
 
 # CLIQQA (Abbo), Table 1: accuracy on 80 test questions (10 shuffled batches of 8).
 PAPER = {"V1": 0.288, "V2": 0.513, "V3": 0.550, "V4": 0.625}
-NOT_VARIANT = ("trainer.seed",)
+NOT_VARIANT = ("trainer.seed", "params/")  # seeds are aggregated; parameter counts follow from the config
 # t_{0.975, df} for 95% intervals of a mean over few seeds
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
@@ -52,7 +52,7 @@ def variant_keys(runs: list) -> list[str]:
     keys = set().union(*(r.data.params for r in runs)) if runs else set()
     varying = []
     for k in sorted(keys):
-        if k.startswith(NOT_VARIANT_PREFIXES) or k in NOT_VARIANT:
+        if k.startswith(NOT_VARIANT_PREFIXES + NOT_VARIANT):
             continue
         if len({r.data.params.get(k) for r in runs}) > 1:
             varying.append(k)
@@ -194,6 +194,7 @@ def make_report(
                 f"No MLflow experiment {experiment!r} at {uri} (--experiment). Experiments there: {names}."
             )
         experiment_id = exp.experiment_id
+    experiment = experiment or client.get_experiment(experiment_id).name
     runs = select_runs(client, experiment_id, parent_run_id, filter_string)
     done = [r for r in runs if r.info.status == "FINISHED" and TEST_ACC in r.data.metrics]
     skipped = [f"{r.info.run_name} ({r.info.status})" for r in runs if r not in done]
@@ -207,9 +208,7 @@ def make_report(
     rows = summarise(done)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"clipqa comparison: experiment {experiment or experiment_id}" + (
-        f", sweep {parent_run_id}" if parent_run_id else ""
-    )
+    title = f"clipqa comparison: experiment {experiment}" + (f", sweep {parent_run_id}" if parent_run_id else "")
     write_markdown(rows, out / "report.md", title, skipped)
     write_csv(rows, out / "report.csv")
     comparison_chart(rows, out / "comparison.png")

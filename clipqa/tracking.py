@@ -245,7 +245,8 @@ class MlflowSweepCallback(Callback):
         parsed = OverridesParser.create().parse_overrides(overrides)
         swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
         uri = resolve_uri(config.tracking.uri)
-        name = "sweep: " + (" ".join(overrides) or "defaults")
+        shown = [o for o in overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
+        name = "sweep: " + (" ".join(shown) or "defaults")
         tags = {"clipqa.sweep": "true", "clipqa.overrides": " ".join(overrides)}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit

@@ -1,0 +1,127 @@
+"""The MLflow UI, for real: a demo multirun, `mlflow server` on 127.0.0.1, headless Chromium on the runs page.
+
+Needs Debian's chromium (`.ci/run` installs it) and the `playwright` Python package (its own browser download is
+not used: the system binary is launched). The screenshot is kept under tests/artifacts/ as a test artifact.
+"""
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    small = [
+        "data.synthetic.n_train=600",
+        "data.synthetic.n_test=100",
+        "data.synthetic.image_size=64",
+        "trainer.max_steps=4",
+        "trainer.num_workers=0",
+    ]
+    r = run_cli(
+        "-m",
+        "experiment=demo",
+        "mapper.num_layers=0,1",
+        *small,
+        f"tracking.uri={db}",
+        "tracking.experiment=ui",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("ui")
+    children = [x for x in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in x.data.tags]
+    accs = {x.info.run_name: x.data.metrics["test/acc"] for x in children}
+    assert set(accs) == {"mapper.num_layers=0", "mapper.num_layers=1"}
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            db,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 2000, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs")
+            page.get_by_text("matching runs").wait_for(timeout=60_000)
+            # Show the test/acc column (Columns -> search -> tick it).
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_placeholder("Search columns").fill("test/acc")
+            page.locator("[class*='tree-treenode']").filter(has_text="Metrics (").locator(
+                "[class*='tree-switcher']"
+            ).first.click()
+            page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).click()
+            page.keyboard.press("Escape")
+            # Expand the sweep's parent run to show its children.
+            page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+            for name in accs:
+                page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_runs.png"))
+            grid = page.locator("[role='grid']").first.inner_text()
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    for name, acc in accs.items():
+        assert name in grid
+        assert f"{acc:.2f}".rstrip("0").rstrip(".") in grid or str(round(acc, 4)) in grid, (acc, grid[:2000])

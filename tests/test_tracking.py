@@ -1,0 +1,182 @@
+"""MLflow tracking of single runs (status, params, metrics, artifacts) and the comparison report."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clipqa.errors import ClipqaError
+from clipqa.report import make_report, wilson
+from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
+from clipqa.train import train
+from tests.conftest import SMALL_DEMO, compose_cfg
+
+
+def test_run_names_come_from_the_overrides_never_random():
+    info = RunInfo(
+        overrides=["experiment=demo", "mapper.num_layers=2", "freeze=text", "tracking.uri=x", "hydra.run.dir=y"]
+    )
+    assert run_name(info) == "experiment=demo,mapper.num_layers=2,freeze=text"
+    assert run_name(info, swept=["mapper.num_layers", "freeze"]) == "mapper.num_layers=2,freeze=text"
+    assert run_name(RunInfo()) == "defaults"
+
+
+def test_flatten_and_store_uri_are_absolute_and_dotted(tmp_path, monkeypatch):
+    assert flatten({"mapper": {"num_layers": 2}, "optimizer": {"betas": [0.9, 0.99]}}) == {
+        "mapper.num_layers": 2,
+        "optimizer.betas": [0.9, 0.99],
+    }
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
+    assert resolve_uri(None).startswith("sqlite:////") and resolve_uri(None).endswith("/mlflow.db")
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def tracked(tmp_path, *extra):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = compose_cfg([*SMALL_DEMO, "tracking=mlflow", f"tracking.uri={uri}", "tracking.experiment=t", *extra])
+    return cfg, MlflowClient(uri)
+
+
+def only_run(client):
+    exp = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([exp.experiment_id])
+    return run
+
+
+def test_a_single_run_is_logged_with_params_metrics_curves_and_checkpoint(tmp_path):
+    cfg, client = tracked(tmp_path, "trainer.max_steps=8", "trainer.eval_every=4")
+    metrics = train(cfg, tmp_path / "run", RunInfo(overrides=["experiment=demo", "trainer.max_steps=8"]))
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "experiment=demo,trainer.max_steps=8"
+    assert run.data.params["mapper.num_layers"] == "2" and run.data.params["optimizer.lr"] == "0.002"
+    assert run.data.params["params/trainable/mapper"] == str(metrics["params/trainable/mapper"])
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test/acc", "test/acc/color", "val/acc", "test/prior_acc"):
+        assert run.data.metrics[key] == pytest.approx(on_disk[key])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    assert steps == [4, 8] or steps[:2] == [4, 8]
+    assert client.get_metric_history(run.info.run_id, "train/loss")
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "loss.png", "accuracy.png", "checkpoint"} <= names
+    assert "mlflow.source.git.commit" in run.data.tags or "clipqa.overrides" in run.data.tags
+
+
+def test_a_run_that_raises_ends_failed_with_the_message(tmp_path):
+    cfg, client = tracked(tmp_path, "data.synthetic=null", f"data.root={tmp_path}/nope", f"data.image_root={tmp_path}")
+    with pytest.raises(ClipqaError):
+        train(cfg, tmp_path / "run")
+    run = only_run(client)
+    assert run.info.status == "FAILED"
+    assert "COCO-QA train split not found" in run.data.tags["error"]
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, monkeypatch):
+    import clipqa.train as T
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "load_data", interrupted)
+    cfg, client = tracked(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    assert only_run(client).info.status == "KILLED"
+
+
+def test_tracking_none_writes_no_store(tmp_path):
+    cfg = compose_cfg([*SMALL_DEMO, "trainer.max_steps=2", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    train(cfg, tmp_path / "run")
+    assert not (tmp_path / "m.db").exists() and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_overlong_param_values_are_truncated_not_fatal(tmp_path):
+    t = MlflowTracker(f"sqlite:///{tmp_path / 'm.db'}", "t", "long", {})
+    t.log_params({"data.root": "x" * 7000, "ok": 1})
+    t.finish()
+    run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(t.run_id)
+    assert len(run.data.params["data.root"]) <= 6000 and run.data.params["data.root"].endswith("see config.yaml)")
+
+
+def _fake_run(client, exp_id, name, params, acc, parent=None):
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    r = client.create_run(exp_id, run_name=name, tags=tags)
+    for k, v in params.items():
+        client.log_param(r.info.run_id, k, v)
+    for k, v in {
+        "test/acc": acc,
+        "val/acc": acc,
+        "test/prior_acc": 0.1,
+        "data/n_test": 1000,
+        "test/acc/object": acc,
+        "test/acc/number": acc,
+        "test/acc/color": acc,
+        "test/acc/location": acc,
+        "params/trainable": 1e6,
+    }.items():
+        client.log_metric(r.info.run_id, k, v, step=1)
+    client.set_terminated(r.info.run_id)
+    return r.info.run_id
+
+
+def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("r")
+    for layers, seed, acc in [(0, 1, 0.30), (0, 2, 0.34), (2, 1, 0.50), (2, 2, 0.54), (2, 3, 0.52)]:
+        _fake_run(
+            c,
+            exp,
+            f"mapper.num_layers={layers},trainer.seed={seed}",
+            {"mapper.num_layers": layers, "trainer.seed": seed, "trainer.epochs": 1},
+            acc,
+        )
+    failed = c.create_run(exp, run_name="broken")
+    c.set_terminated(failed.info.run_id, "FAILED")
+    out = tmp_path / "rep"
+    md = make_report(uri, out, experiment="r").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `mapper.num_layers=0` | 2 | 32.0 ± 2.8")
+    assert rows[1].startswith("| `mapper.num_layers=2` | 3 | 52.0 ± 2.0")
+    assert "broken (FAILED)" in md
+    csv_rows = (out / "report.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("variant,n,test/acc")
+    assert (out / "comparison.png").stat().st_size > 5000 and (out / "learning_curves.png").is_file()
+
+
+def test_report_shows_the_paper_numbers_beside_the_paper_versions(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("p")
+    parent = c.create_run(exp, run_name="sweep: paper", tags={"clipqa.sweep": "true"}).info.run_id
+    for i, name in enumerate(["V1", "V2", "V3", "V4"]):
+        _fake_run(
+            c,
+            exp,
+            name,
+            {"mapper.num_layers": 0 if i == 0 else 2, "trainer.epochs": 1 + max(0, i - 1)},
+            0.3 + 0.1 * i,
+            parent,
+        )
+    _fake_run(c, exp, "elsewhere", {"mapper.num_layers": 5}, 0.9)  # not in this sweep
+    md = make_report(uri, tmp_path / "rep", experiment="p", parent_run_id=parent).read_text()
+    assert "paper acc % (80 q)" in md and "80 test questions" in md
+    v2 = next(line for line in md.splitlines() if line.startswith("| `V2`"))
+    assert v2.rstrip(" |").endswith("51.3")
+    assert "elsewhere" not in md
+
+
+def test_report_without_matching_runs_is_a_clear_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).create_experiment("empty")
+    with pytest.raises(ClipqaError, match="No finished runs"):
+        make_report(uri, tmp_path / "rep", experiment="empty")
+    with pytest.raises(ClipqaError, match="No MLflow experiment 'nope'"):
+        make_report(uri, tmp_path / "rep", experiment="nope")
+
+
+def test_wilson_interval_brackets_the_accuracy():
+    lo, hi = wilson(0.5, 80)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.21, abs=0.01)  # the paper's +-11 points
