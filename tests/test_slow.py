@@ -118,3 +118,29 @@ def test_the_readme_demo_beats_the_answer_prior_by_a_quarter(tmp_path, monkeypat
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["test/acc"] >= m["test/prior_acc"] + 0.25, m
     assert m["data/n_test"] == 1000
+
+
+def test_parallel_joblib_jobs_nest_under_one_parent_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"  # a fresh store: created once by the parent before the workers start
+    r = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "experiment=demo",
+        "trainer.seed=1,2",
+        "data.synthetic.n_train=600",
+        "data.synthetic.n_test=100",
+        "data.synthetic.image_size=64",
+        "trainer.max_steps=4",
+        "trainer.num_workers=0",
+        f"tracking.uri={uri}",
+        "tracking.experiment=j",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("j").experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("clipqa.sweep") == "true"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(x.info.run_name for x in children) == ["trainer.seed=1", "trainer.seed=2"]
+    assert all(x.info.status == "FINISHED" for x in children + [parent])
