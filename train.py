@@ -9,6 +9,7 @@ printed as one paragraph without a traceback, and the process exits with status 
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -36,5 +37,26 @@ def main(cfg: DictConfig) -> float:
     return metrics[OBJECTIVE]
 
 
+def _config_dir_from_anywhere(argv: list[str]) -> None:
+    """Let ``-cd sweeps`` name this project's sweeps/ folder from any working directory.
+
+    Hydra resolves ``--config-dir`` against the working directory; a relative folder that does not exist there but
+    exists beside train.py is rewritten to that absolute path. (The main conf/ stays on the search path, so a
+    sweep file's ``defaults: [config]`` finds conf/config.yaml.)
+    """
+    here = Path(__file__).resolve().parent
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-cd", "--config-dir") and not eq and i + 1 < len(argv):
+            folder, pos = argv[i + 1], i + 1
+        elif flag == "--config-dir" and eq:
+            folder, pos = value, i
+        else:
+            continue
+        if not Path(folder).is_dir() and (here / folder).is_dir():
+            argv[pos] = str(here / folder) if pos != i else f"--config-dir={here / folder}"
+
+
 if __name__ == "__main__":
+    _config_dir_from_anywhere(sys.argv)
     main()

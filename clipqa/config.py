@@ -102,6 +102,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class PhaseFreezeConfig:
+    vision: bool | None = None  # None: as in the previous phase
+    text: bool | None = None
+    mapper: bool | None = None
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase (``trainer.phases``); unset values are inherited, see clipqa.train.resolve_phases."""
+
+    name: str | None = None
+    epochs: int = MISSING
+    lr: float | None = None  # absolute learning rate; or:
+    lr_scale: float | None = None  # times optimizer.lr (default 1)
+    freeze: PhaseFreezeConfig | None = None
+    fresh_optimizer: bool = False  # True: a new optimizer (the paper's V3); False: keep its state
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = MISSING
     max_steps: int | None = MISSING  # stop after this many optimizer steps (None: run all epochs)
@@ -114,6 +133,8 @@ class TrainerConfig:
     precision: str = MISSING  # fp32 | bf16 | fp16
     num_workers: int = MISSING
     save_checkpoint: bool = MISSING
+    phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
+    init_from: str | None = MISSING  # warm start from an earlier run's best.pt
 
 
 @dataclass
@@ -121,6 +142,7 @@ class TrackingConfig:
     backend: str = MISSING  # mlflow | none
     uri: str | None = MISSING  # None: sqlite:///<project folder>/mlflow.db
     experiment: str = MISSING
+    run_name: str | None = MISSING  # None: made from the overrides
     log_checkpoint: bool | None = MISSING  # None: yes for single runs, no for sweep jobs
 
 
@@ -205,6 +227,11 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
             _fail(f"trainer.{key}", t[key], "must be > 0", f"pass a positive integer, e.g. trainer.{key}=1")
     if t.max_steps is not None and t.max_steps <= 0:
         _fail("trainer.max_steps", t.max_steps, "must be > 0 or null", "use e.g. trainer.max_steps=100")
+    for i, p in enumerate(t.phases or []):
+        if p.epochs <= 0:
+            _fail(f"trainer.phases[{i}].epochs", p.epochs, "must be > 0", "give every phase at least one epoch")
+        if p.lr is not None and p.lr <= 0 or p.lr_scale is not None and p.lr_scale <= 0:
+            _fail(f"trainer.phases[{i}].lr", p.lr, "must be > 0", "set lr or lr_scale to a positive number")
     if t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
     if t.precision not in ("fp32", "bf16", "fp16"):

@@ -178,11 +178,13 @@ def apply_freeze(model: ClipQA, *, vision: bool, text: bool, mapper: bool) -> di
     return counts
 
 
-def trainable_state(model: ClipQA) -> dict[str, torch.Tensor]:
-    """A detached CPU *copy* of the weights that training changes (every part not frozen).
+def trainable_state(model: ClipQA, parts: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """A detached CPU *copy* of the weights of ``parts`` (default: every part not frozen now).
 
     A copy, not a reference: the paper's script kept ``state_dict()`` by reference, so its "best" weights were
     silently the last ones.
     """
-    keep = tuple(f"{name}." for name in ("vision", "text", "mapper", "head") if name not in model.frozen)
+    if parts is None:
+        parts = {name for name in ("vision", "text", "mapper", "head") if name not in model.frozen}
+    keep = tuple(f"{name}." for name in sorted(parts))
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.startswith(keep)}

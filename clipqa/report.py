@@ -96,7 +96,7 @@ def summarise(runs: list) -> list[dict]:
             **{f"{TEST_ACC}/{t}": _mean([x.get(f"{TEST_ACC}/{t}") for x in m]) for t in TYPE_NAMES.values()},
             VAL_ACC: _mean([x.get(VAL_ACC) for x in m]),
             TEST_PRIOR_ACC: _mean([x.get(TEST_PRIOR_ACC) for x in m]),
-            "epochs": members[0].data.params.get("trainer.epochs"),
+            "epochs": m[0].get("epochs", members[0].data.params.get("trainer.epochs")),
             "steps": _mean([x.get("steps") for x in m]),
             "trainable_params": _mean([x.get("params/trainable") for x in m]),
             "wall_s": _mean(wall),

@@ -216,7 +216,8 @@ def make_tracker(cfg: DictConfig, info: RunInfo) -> Tracker:
     if parent:
         tags["mlflow.parentRunId"] = parent["run_id"]
         tags["hydra.sweep.id"] = parent["run_id"]
-    tracker = MlflowTracker(uri, t.experiment, run_name(info, parent["swept"] if parent else None), tags)
+    name = t.run_name or run_name(info, parent["swept"] if parent else None)
+    tracker = MlflowTracker(uri, t.experiment, name, tags)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     tracker.log_params(flatten(resolved))

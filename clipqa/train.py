@@ -21,6 +21,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,14 @@ def evaluate(
     return out, preds
 
 
-def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
-    """``optimizer._target_`` is the swap point (torch.optim.Adam / AdamW / SGD); None-valued kwargs are not passed."""
+def build_optimizer(ocfg: DictConfig, params, lr: float | None = None) -> torch.optim.Optimizer:
+    """``optimizer._target_`` is the swap point (torch.optim.Adam / AdamW / SGD); None-valued kwargs are not passed.
+
+    ``lr`` overrides ``optimizer.lr`` (a training phase's learning rate).
+    """
     kwargs = {k: v for k, v in OmegaConf.to_container(ocfg, resolve=True).items() if k != "_target_" and v is not None}
+    if lr is not None:
+        kwargs["lr"] = lr
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
@@ -163,11 +169,63 @@ def build_optimizer(ocfg: DictConfig, params) -> torch.optim.Optimizer:
         ) from None
 
 
-def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None) -> dict[str, float]:
+@dataclass
+class Phase:
+    """One stage of training: ``epochs`` at ``lr`` with a freeze policy, optionally with a fresh optimizer."""
+
+    name: str
+    epochs: int
+    lr: float
+    freeze: dict[str, bool]
+    fresh_optimizer: bool
+
+
+def resolve_phases(cfg: DictConfig) -> list[Phase]:
+    """``trainer.phases`` (or one phase from trainer.epochs / optimizer.lr / freeze) with inherited values filled in.
+
+    A phase's ``freeze.*`` left null inherits the previous phase's (the first inherits ``freeze``); its learning rate
+    is ``lr`` if set, else ``optimizer.lr * lr_scale`` (default scale 1).
+    """
+    base_freeze = {k: bool(cfg.freeze[k]) for k in ("vision", "text", "mapper")}
+    if not cfg.trainer.phases:
+        return [Phase("train", cfg.trainer.epochs, cfg.optimizer.lr, base_freeze, True)]
+    phases, freeze = [], base_freeze
+    for i, p in enumerate(cfg.trainer.phases):
+        freeze = {k: (freeze[k] if p.freeze is None or p.freeze[k] is None else bool(p.freeze[k])) for k in freeze}
+        lr = p.lr if p.lr is not None else cfg.optimizer.lr * (p.lr_scale if p.lr_scale is not None else 1.0)
+        phases.append(Phase(p.name or f"phase{i + 1}", p.epochs, lr, dict(freeze), bool(p.fresh_optimizer)))
+    return phases
+
+
+def load_init(model: ClipQA, path: str) -> set[str]:
+    """Warm start (``trainer.init_from``): load the trained weights of an earlier run's best.pt; return their parts."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ClipqaError(f"trainer.init_from={path}: no such file. Pass the best.pt of an earlier run.")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ClipqaError(f"trainer.init_from={path} is not a clipqa checkpoint; pass the best.pt of an earlier run.")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # shape mismatch: another mapper width, head, or backbone
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ClipqaError(
+            f"trainer.init_from={path} does not fit this model ({first}). Use the same backbone, mapper and head "
+            "settings as the run that wrote it."
+        ) from None
+    if unexpected:
+        raise ClipqaError(f"trainer.init_from={path} has weights this model lacks: {unexpected[:3]}.")
+    log.info("warm start from %s (its best step %s) <trainer.init_from>", p, ckpt.get("best_step"))
+    return {k.split(".", 1)[0] for k in ckpt["state_dict"]}
+
+
+def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, on_validation=None) -> dict[str, float]:
     """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics.
 
     ``info`` places the run in its Hydra sweep (for tracking: run name, parent run); ``train.py`` passes it.
-    The tracked run ends FINISHED, FAILED (with the error message as tag ``error``) or KILLED (Ctrl-C).
+    ``on_validation(val_acc, step)`` is called after every validation (Optuna pruning raises TrialPruned there).
+    The tracked run ends FINISHED, FAILED (with the error message as tag ``error``) or KILLED (Ctrl-C, or a
+    pruned trial, tagged ``clipqa.pruned``).
     """
     cfg = validate(cfg)
     out = Path(output_dir)
@@ -175,18 +233,22 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None) 
     info = info or RunInfo()
     tracker = make_tracker(cfg, info)
     try:
-        results = _run(cfg, out, tracker, info)
+        results = _run(cfg, out, tracker, info, on_validation)
     except KeyboardInterrupt:
         tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)")
         raise
     except BaseException as e:
-        tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
+        if type(e).__name__ == "TrialPruned":  # optuna's, without importing optuna here
+            tracker.set_tags({"clipqa.pruned": "true"})
+            tracker.finish("KILLED", error=f"pruned by Optuna: {e}")
+        else:
+            tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
         raise
     tracker.finish("FINISHED")
     return results
 
 
-def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo) -> dict[str, float]:
+def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validation=None) -> dict[str, float]:
     # 1. seed, device ----------------------------------------------------------------------------------------------
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
     t = cfg.trainer
@@ -227,11 +289,9 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo) -> dict[st
         )
 
     model = build_model(cfg, backbone, len(labels)).to(device)
-    counts = apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
-    tracker.log_params(counts)
-    log.info("parameters: %s trainable, %s frozen", f"{counts['params/trainable']:,}", f"{counts['params/frozen']:,}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optimizer, trainable)
+    trained_parts: set[str] = {"head"}  # every part that any phase trains (what best.pt must hold)
+    if t.init_from:
+        trained_parts |= load_init(model, t.init_from)
 
     collate = Collator(backbone.tokenizer, max_tokens)
     pin = device.type == "cuda"
@@ -243,82 +303,121 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo) -> dict[st
 
     train_loader = loader(train_split, y_train, True, t.batch_size)
     val_loader = loader(val_split, labels.labels(val_split.answers), False, t.eval_batch_size)
-    total_steps = t.epochs * len(train_loader)
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
+    test_loader = loader(test_split, labels.labels(test_split.answers), False, t.eval_batch_size)
+    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
+    prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
 
-    # 4. train ----------------------------------------------------------------------------------------------------
+    # 4. train, phase by phase (one phase unless trainer.phases is set) ---------------------------------------------
+    phases = resolve_phases(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
-    best = {"acc": -1.0, "step": 0, "state": trainable_state(model)}
     history: list[dict] = []
+    phase_metrics: dict[str, float] = {}
     step, t0, seen = 0, time.perf_counter(), 0
+    optimizer: torch.optim.Optimizer | None = None
 
-    def validate_now() -> None:
+    def validate_now(step: int, best: dict) -> None:
+        """Validate; keep a copy of the weights if they are the phase's best; let a sweeper prune the run."""
         val, _ = evaluate(model, val_loader, device, t.precision, "val")
         history.append({"step": step, **val})
         tracker.log_metrics(val, step)
         log.info("step %d: val/acc %.4f val/loss %.4f", step, val[M.VAL_ACC], val[M.VAL_LOSS])
-        if val[M.VAL_ACC] > best["acc"]:
-            best.update(acc=val[M.VAL_ACC], step=step, state=trainable_state(model))  # a copy, not a reference
+        if val[M.VAL_ACC] > best["acc"]:  # a copy of the weights, not a reference
+            best.update(acc=val[M.VAL_ACC], step=step, state=trainable_state(model, trained_parts))
+        if on_validation is not None:
+            on_validation(val[M.VAL_ACC], step)  # e.g. Optuna pruning: may raise optuna.TrialPruned
 
-    model.train()
-    bar = tqdm(total=total_steps, desc="training", unit="step")
-    for epoch in range(t.epochs):
-        bar.set_description(f"training epoch {epoch + 1}/{t.epochs}")
-        for batch in train_loader:
-            if batch is None:
-                continue
-            batch = _to(batch, device)
-            with autocast(device, t.precision):
-                logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
-                loss = F.cross_entropy(logits.float(), batch["labels"])
-            if not torch.isfinite(loss):
-                raise ClipqaError(
-                    f"Non-finite loss {loss.item()} at step {step} (epoch {epoch}, "
-                    f"optimizer.lr={cfg.optimizer.lr}). Lower optimizer.lr or use trainer.precision=fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seen += batch["labels"].shape[0]
-            bar.update(1)
-            if step % t.log_every == 0 or step == 1:
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
-                row = {
-                    M.TRAIN_LOSS: loss.item(),
-                    "train/examples_per_s": rate,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "epoch": epoch,
-                }
-                history.append({"step": step, **row})
-                tracker.log_metrics(row, step)
-            if step % t.eval_every == 0 and step < total_steps:
-                validate_now()
-            if step >= total_steps:
+    for p_idx, phase in enumerate(phases):
+        counts = apply_freeze(model, **phase.freeze)
+        trained_parts |= {n for n in ("vision", "text", "mapper") if not phase.freeze[n]}
+        if p_idx == 0:
+            tracker.log_params(counts)
+        log.info(
+            "phase %s: %d epoch(s) at lr %g, %s trainable parameters <trainer.phases[%d]>",
+            phase.name,
+            phase.epochs,
+            phase.lr,
+            f"{counts['params/trainable']:,}",
+            p_idx,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if optimizer is None or phase.fresh_optimizer:
+            optimizer = build_optimizer(cfg.optimizer, trainable, lr=phase.lr)
+        else:  # keep the optimizer state; newly unfrozen parameters join as a new group
+            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            new = [p for p in trainable if id(p) not in known]
+            if new:
+                optimizer.add_param_group({"params": new})
+            for g in optimizer.param_groups:
+                g["lr"] = phase.lr
+        phase_steps = phase.epochs * len(train_loader)
+        if t.max_steps is not None:
+            phase_steps = min(phase_steps, t.max_steps)
+        start = step
+        best = {"acc": -1.0, "step": step, "state": trainable_state(model, trained_parts)}
+
+        model.train()
+        bar = tqdm(total=phase_steps, desc="training", unit="step")
+        for epoch in range(phase.epochs):
+            bar.set_description(f"{phase.name} epoch {epoch + 1}/{phase.epochs}")
+            for batch in train_loader:
+                if batch is None:
+                    continue
+                batch = _to(batch, device)
+                with autocast(device, t.precision):
+                    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+                    loss = F.cross_entropy(logits.float(), batch["labels"])
+                if not torch.isfinite(loss):
+                    raise ClipqaError(
+                        f"Non-finite loss {loss.item()} at step {step} (phase {phase.name}, epoch {epoch}, lr "
+                        f"{phase.lr:g}). Lower optimizer.lr or use trainer.precision=fp32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                seen += batch["labels"].shape[0]
+                bar.update(1)
+                if step % t.log_every == 0 or step == start + 1:
+                    rate = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
+                    row = {
+                        M.TRAIN_LOSS: loss.item(),
+                        "train/examples_per_s": rate,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "epoch": epoch,
+                        "phase": p_idx,
+                    }
+                    history.append({"step": step, **row})
+                    tracker.log_metrics(row, step)
+                if (step - start) % t.eval_every == 0 and step - start < phase_steps:
+                    validate_now(step, best)
+                if step - start >= phase_steps:
+                    break
+            if (step - start) % t.eval_every != 0 or step - start >= phase_steps:  # epoch end, unless just done
+                validate_now(step, best)
+            if step - start >= phase_steps:
                 break
-        if step % t.eval_every != 0 or step >= total_steps:  # epoch end (unless just validated)
-            validate_now()
-        if step >= total_steps:
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - t0
+        bar.close()
 
-    # 5. test the best weights on the full test split ---------------------------------------------------------------
-    model.load_state_dict(best["state"], strict=False)
-    test_loader = loader(test_split, labels.labels(test_split.answers), False, t.eval_batch_size)
-    test, test_preds = evaluate(model, test_loader, device, t.precision, "test")
-    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
-    prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
+        # 5. test this phase's best weights on the full test split (the next phase starts from them) ---------------
+        model.load_state_dict(best["state"], strict=False)
+        test, test_preds = evaluate(model, test_loader, device, t.precision, "test")
+        if len(phases) > 1:
+            per_phase = {f"phase/{phase.name}/{k}": v for k, v in {**test, M.VAL_ACC: best["acc"]}.items()}
+            phase_metrics.update(per_phase)
+            tracker.log_metrics(per_phase, step)
+            log.info("phase %s: test/acc %.4f, val/acc %.4f", phase.name, test[M.TEST_ACC], best["acc"])
+    train_seconds = time.perf_counter() - t0
 
     results: dict[str, float] = {
         **test,
         M.VAL_ACC: best["acc"],
         **prior_metrics,
+        **phase_metrics,
         "best_step": best["step"],
         "steps": step,
+        "epochs": sum(p.epochs for p in phases),
         "train/seconds": train_seconds,
         "data/n_train": len(train_split),
         "data/n_val": len(val_split),
@@ -348,7 +447,7 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo) -> dict[st
             "format": CHECKPOINT_FORMAT,
             "config": resolved,
             "state_dict": best["state"],
-            "frozen": sorted(model.frozen),
+            "frozen": sorted({"vision", "text", "mapper"} - trained_parts),
             "label_kind": labels.kind,
             "classes": labels.classes,
             "vision_source": backbone.vision_source,

@@ -15,7 +15,8 @@ GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_config_file_composes_and_validates(path: Path):
     group, name = path.parent.relative_to(CONF).as_posix(), path.stem
-    overrides = [f"{group}={name}"]
+    in_defaults = f"- {group}:" in (CONF / "config.yaml").read_text()
+    overrides = [f"{group}={name}" if in_defaults else f"+{group}={name}"]
     if group == "data" and name == "cocoqa":
         overrides += ["data.root=x", "data.image_root=y"]
     cfg = validate(compose_cfg(overrides))
