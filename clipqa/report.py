@@ -138,7 +138,7 @@ def write_markdown(rows: list[dict], path: Path, title: str, skipped: list[str])
             *[_pct(r[f"{TEST_ACC}/{t}"]) for t in TYPE_NAMES.values()],
             _pct(r[VAL_ACC]),
             _pct(r[TEST_PRIOR_ACC]),
-            str(r["epochs"] or ""),
+            f"{float(r['epochs']):g}" if r["epochs"] else "",
             f"{r['steps']:.0f}" if r["steps"] else "",
             f"{r['trainable_params']:,.0f}" if r["trainable_params"] else "",
             f"{r['wall_s']:.0f}" if r["wall_s"] else "",
