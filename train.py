@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clipqa.errors import ClipqaError
@@ -30,9 +31,17 @@ def main(cfg: DictConfig) -> float:
         from clipqa.tracking import hydra_run_info
         from clipqa.train import train
 
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir, hydra_run_info())
+        info = hydra_run_info()
+        on_validation = None
+        if "optuna" in cfg:  # a trial of the Optuna sweeper: report val/acc to it, so it can prune
+            from clipqa.optuna_study import pruning_callback
+
+            on_validation = pruning_callback(cfg.optuna)
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
     except ClipqaError as e:
         log.error("clipqa: error: %s", e)  # console and the run's train.log, one paragraph, no traceback
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the failed job (an Optuna study goes on)
         sys.exit(2)
     return metrics[OBJECTIVE]
 

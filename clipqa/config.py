@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from clipqa.errors import ClipqaError
@@ -188,9 +188,11 @@ def validate(cfg: DictConfig) -> DictConfig:
             "the group's YAML file under conf/."
         )
     _check_ranges(typed)
-    out = OmegaConf.merge(typed, OmegaConf.create({k: v for k, v in extra.items()}))
-    OmegaConf.set_readonly(out, True)
-    return out
+    with open_dict(typed):  # sections outside the schema (e.g. ``optuna`` from the sweeper) pass through as given
+        for k, v in extra.items():
+            typed[k] = v
+    OmegaConf.set_readonly(typed, True)
+    return typed
 
 
 def _check_ranges(c: RunConfig | DictConfig) -> None:

@@ -29,7 +29,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 PARENT_FILE = ".clipqa_mlflow_parent.json"  # in the sweep folder: how jobs find their parent run
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value; longer values live in the config.yaml artifact
 # Keys that never name a variant: where things are written, not what is trained.
-NOT_VARIANT_PREFIXES = ("hydra.", "tracking.", "paths.", "trainer.num_workers", "trainer.save_checkpoint")
+NOT_VARIANT_PREFIXES = ("hydra.", "tracking.", "paths.", "optuna.", "trainer.num_workers", "trainer.save_checkpoint")
 
 
 @dataclass
@@ -101,6 +101,9 @@ def run_name(info: RunInfo, swept: list[str] | None = None) -> str:
     if swept:
         picked = [o for o in picked if override_key(o) in swept] or picked
     name = ",".join(picked) or "defaults"
+    trial = next((o.split("=", 1)[1] for o in info.overrides if override_key(o) == "optuna.trial"), None)
+    if trial is not None:  # an Optuna trial: its number, then its sampled values
+        return f"trial {trial}: {name}"
     if info.multirun and not swept:
         name = f"{name}#{info.job_num}"
     return name
@@ -213,6 +216,8 @@ def make_tracker(cfg: DictConfig, info: RunInfo) -> Tracker:
         tags["mlflow.source.git.commit"] = commit
     if info.multirun:
         tags.update({"hydra.job.num": str(info.job_num), "hydra.sweep.dir": str(info.sweep_dir)})
+    if "optuna" in cfg:
+        tags.update({"optuna.trial": str(cfg.optuna.trial), "optuna.study_name": str(cfg.optuna.study_name)})
     if parent:
         tags["mlflow.parentRunId"] = parent["run_id"]
         tags["hydra.sweep.id"] = parent["run_id"]
@@ -245,6 +250,7 @@ class MlflowSweepCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)
         swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+        swept += [override_key(k) for k in (config.hydra.sweeper.get("params") or {})]  # sweeps/*.yaml, Optuna
         uri = resolve_uri(config.tracking.uri)
         shown = [o for o in overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
         name = "sweep: " + (" ".join(shown) or "defaults")
@@ -282,3 +288,22 @@ class MlflowSweepCallback(Callback):
         failed = [c for c in children if c.info.status != "FINISHED"]
         client.set_tag(parent["run_id"], "clipqa.jobs", f"{len(children) - len(failed)}/{len(children)} finished")
         client.set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
+
+
+def mark_best_trial(config: DictConfig, number: int, value: float) -> None:
+    """Tag the MLflow run of an Optuna study's best trial (``clipqa.best_trial``) and note it on the parent run."""
+    if config.tracking.backend == "none":
+        return
+    parent = read_parent(str(Path(config.hydra.sweep.dir).resolve()))
+    if parent is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=parent["uri"])
+    exp_id = client.get_run(parent["run_id"]).info.experiment_id
+    runs = client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`optuna.trial` = '{number}'"
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, "clipqa.best_trial", "true")
+    client.set_tag(parent["run_id"], "clipqa.best_trial", f"trial {number}: val/acc {value:.4f}")

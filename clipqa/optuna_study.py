@@ -1,0 +1,59 @@
+"""Optuna helpers shared by the sweeper plugin (hydra_plugins/clipqa_optuna_sweeper) and the training job.
+
+The job side is :func:`pruning_callback`: the sweeper passes ``+optuna.storage``, ``+optuna.study_name`` and
+``+optuna.trial_id`` as overrides; the job re-opens the study from the storage and reports its validation accuracy
+to that very trial after each evaluation, raising ``optuna.TrialPruned`` when the pruner says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipqa.errors import ClipqaError
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def default_storage() -> str:
+    return f"sqlite:///{PROJECT_DIR / 'optuna.db'}"
+
+
+def make_storage(url: str | None):
+    """An Optuna storage from a URL: any RDB URL (sqlite:///..., postgresql://...) or ``journal:///path/file.log``.
+
+    A relative sqlite path is made absolute, so every job of a sweep opens the same file.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    url = url or default_storage()
+    if url.startswith("journal://"):
+        path = Path(url[len("journal://") :]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{Path(url[len('sqlite:///') :]).resolve()}"
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        )
+    except Exception as e:
+        raise ClipqaError(
+            f"Cannot open the Optuna storage {url!r} (hydra.sweeper.storage): {e}. Use sqlite:///PATH.db, "
+            "journal:///PATH.log or a database URL such as postgresql://user:pw@host/db."
+        ) from None
+
+
+def pruning_callback(ocfg):
+    """``on_validation(val_acc, step)`` for :func:`clipqa.train.train` that reports to the job's Optuna trial."""
+    import optuna
+
+    study = optuna.load_study(study_name=ocfg.study_name, storage=make_storage(ocfg.storage))
+    trial = optuna.trial.Trial(study, int(ocfg.trial_id))
+
+    def report(value: float, step: int) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"trial {ocfg.trial} pruned at step {step} (val/acc {value:.4f})")
+
+    return report

@@ -1,0 +1,184 @@
+"""Named sweeps (sweeps/*.yaml) and the Optuna sweeper: composition (fast) and smoke runs on the demo (slow)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from clipqa.config import validate
+from clipqa.train import resolve_phases
+from tests.conftest import CONF, ROOT
+from tests.test_cli import run_cli
+
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+TINY = [
+    "experiment=demo",
+    "data.synthetic.n_train=300",
+    "data.synthetic.n_test=60",
+    "data.synthetic.image_size=64",
+    "trainer.num_workers=0",
+]
+
+
+def compose_sweep(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
+        return compose(
+            config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides], return_hydra_config=True
+        )
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_file_composes_with_a_header_and_sweeps_something(path: Path):
+    cfg = compose_sweep(path.stem, ["experiment=demo"])
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+    header = path.read_text().split("defaults:")[0]
+    assert "Question:" in header and "python train.py -cd sweeps -cn " + path.stem in header and "Cost" in header
+    cfg_for_run = {k: v for k, v in cfg.items() if k != "hydra"}
+    from omegaconf import OmegaConf
+
+    validate(OmegaConf.create(cfg_for_run))
+
+
+@pytest.mark.parametrize(
+    "version, phases", [("V1", ["train"]), ("V2", ["train"]), ("V3", ["V2", "V3"]), ("V4", ["V2", "V3", "V4"])]
+)
+def test_paper_versions_are_staged_runs_with_the_papers_settings(version, phases):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=[f"+paper={version}"]))
+    assert cfg.tracking.run_name == version
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4 and cfg.trainer.batch_size == 8
+    resolved = resolve_phases(cfg)
+    assert [p.name for p in resolved] == phases
+    assert resolved[0].lr == 1e-4 and resolved[0].freeze == {"vision": True, "text": True, "mapper": False}
+    if version != "V1":
+        assert cfg.mapper.num_layers == 2 and cfg.mapper.hidden_dim == 1024
+    if len(resolved) > 1:  # V3/V4: text unfrozen at lr 1e-5 with a fresh Adam, V4 one more epoch of the same
+        assert resolved[1].lr == pytest.approx(1e-5) and resolved[1].freeze["text"] is False
+        assert resolved[1].fresh_optimizer
+    if version == "V4":
+        assert resolved[2].lr == pytest.approx(1e-5) and not resolved[2].fresh_optimizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, n_jobs", [("paper", 4), ("mapper_depth", 8), ("freeze", 4), ("optimizer", 9), ("seeds", 3)]
+)
+def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    r = run_cli(
+        "-cd",
+        "sweeps",
+        "-cn",
+        name,
+        *TINY,
+        "trainer.max_steps=2",
+        f"tracking.uri={uri}",
+        "tracking.experiment=s",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == n_jobs
+    md = (tmp_path / "sweep" / "report" / "report.md").read_text()
+    assert md.count("\n| `") >= (2 if name != "seeds" else 1)
+    if name == "paper":
+        assert all(f"| `{v}` |" in md for v in ("V1", "V2", "V3", "V4")) and "paper acc % (80 q)" in md
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+        v4 = next(x for x in runs if x.info.run_name == "V4")
+        assert {"phase/V2/test/acc", "phase/V3/test/acc", "phase/V4/test/acc"} <= set(v4.data.metrics)
+
+
+def optuna_cmd(tmp_path, n_trials: int, sweep: str, *extra: str) -> list[str]:
+    return [
+        "-cd",
+        "sweeps",
+        "-cn",
+        "optuna",
+        *TINY,
+        "trainer.max_steps=12",
+        "trainer.eval_every=3",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        f"hydra.sweeper.n_trials={n_trials}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}",
+        "hydra.sweeper.study_name=s",
+        f"hydra.sweep.dir={tmp_path / sweep}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_optuna_study_prunes_resumes_and_tags_the_best_trial(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    r = run_cli(*optuna_cmd(tmp_path, 6, "a"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and TrialState.PRUNED in states, states
+    assert all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("clipqa").experiment_id])
+    trials = [x for x in runs if "optuna.trial" in x.data.tags]
+    assert len(trials) == 6 and all(x.info.run_name.startswith("trial ") for x in trials)
+    assert any(x.data.tags.get("clipqa.pruned") == "true" and x.info.status == "KILLED" for x in trials)
+    (best,) = [x for x in trials if x.data.tags.get("clipqa.best_trial") == "true"]
+    assert best.data.tags["optuna.trial"] == str(study.best_trial.number)
+    assert best.data.params["optimizer.lr"] == str(study.best_trial.params["optimizer.lr"])
+
+    r = run_cli(*optuna_cmd(tmp_path, 8, "b"))  # same storage + study, larger n_trials: exactly 2 more
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert len(study.trials) == 8
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == 8  # no replayed start-up trials
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_one_precreated_study(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *optuna_cmd(tmp_path, 4, f"p{i}", "tracking=none", "hydra.sweeper.pruner.name=none"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
+    study = optuna.load_study(study_name="s", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) >= 4 and len(done) == len(study.trials)
+    assert all(len(list((tmp_path / f"p{i}").glob("*/metrics.json"))) >= 1 for i in range(2))
+
+
+@pytest.mark.slow
+def test_failed_trials_are_recorded_and_all_failing_exits_non_zero(tmp_path):
+    import optuna
+
+    r = run_cli(
+        *optuna_cmd(
+            tmp_path, 2, "f", "data.synthetic=null", "data.root=/no/such/cocoqa", "data.image_root=/no/such/coco"
+        )
+    )
+    assert r.returncode != 0
+    assert "all 2 trials failed" in r.stdout + r.stderr and "/no/such/cocoqa" in r.stdout + r.stderr
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
