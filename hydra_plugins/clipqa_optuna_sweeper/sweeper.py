@@ -78,7 +78,8 @@ class ClipqaOptunaSweeper(Sweeper):
         for override in parser.parse_overrides(arguments):  # command-line sweeps join the search space
             if override.is_sweep_override():
                 space[override.get_key_element()] = distribution(override)
-            else:
+            else:  # a plain value on the command line fixes that key: it leaves the search space
+                space.pop(override.get_key_element(), None)
                 fixed.append(override.input_line)
         return space, fixed
 
