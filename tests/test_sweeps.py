@@ -1,5 +1,6 @@
 """Named sweeps (sweeps/*.yaml) and the Optuna sweeper: composition (fast) and smoke runs on the demo (slow)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs,
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == n_jobs
     md = (tmp_path / "sweep" / "report" / "report.md").read_text()
     assert md.count("\n| `") >= (2 if name != "seeds" else 1)
+    if name == "freeze":  # the staged job really ran two phases
+        staged = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+        assert sum("phase/unfrozen_text/test/acc" in m for m in staged) == 1
     if name == "paper":
         assert all(f"| `{v}` |" in md for v in ("V1", "V2", "V3", "V4")) and "paper acc % (80 q)" in md
         client = MlflowClient(uri)

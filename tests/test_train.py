@@ -10,19 +10,18 @@ from clipqa.checkpoint import load_checkpoint
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
 from clipqa.train import train
-from tests.conftest import compose_cfg
+from tests.conftest import SMALL_DEMO, compose_cfg
 from tests.handmade import make_cocoqa
 
+SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.epochs=4", "trainer.eval_every=20"]
 INTERFACE_KEYS = [TEST_ACC, VAL_ACC, TEST_PRIOR_ACC] + [f"{TEST_ACC}/{t}" for t in TYPE_NAMES.values()]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, cache_dir):
     """One short demo run shared by the tests below (4 epochs x 29 steps, about 20 s on 2 cores)."""
-    from tests.conftest import SMALL_DEMO
-
     out = tmp_path_factory.mktemp("demo-run")
-    cfg = compose_cfg([*SMALL_DEMO, "trainer.epochs=4", "trainer.eval_every=20"], cache_dir)
+    cfg = compose_cfg(SMALL_DEMO_RUN, cache_dir)
     return cfg, out, train(cfg, out)
 
 
@@ -121,3 +120,33 @@ def test_missing_dataset_error_names_the_folder_and_the_demo(tmp_path, cache_dir
     with pytest.raises(ClipqaError) as e:
         train(cfg, tmp_path / "out")
     assert f"{tmp_path}/cocoqa/train" in str(e.value) and "experiment=demo" in str(e.value)
+
+
+def test_warm_start_from_a_best_checkpoint_continues_from_its_weights(demo_run, tmp_path):
+    cfg, out, metrics = demo_run
+    again = train(
+        compose_cfg(
+            [
+                *SMALL_DEMO_RUN,
+                f"trainer.init_from={out / 'best.pt'}",
+                "trainer.max_steps=1",
+                "optimizer.lr=1e-12",
+                "trainer.save_checkpoint=false",
+            ],
+            Path(cfg.paths.cache_dir),
+        ),
+        tmp_path / "warm",
+    )
+    assert again[TEST_ACC] == pytest.approx(metrics[TEST_ACC], abs=0.011)  # lr ~0: the same model answers
+    with pytest.raises(ClipqaError, match="trainer.init_from"):
+        train(
+            compose_cfg([*SMALL_DEMO_RUN, f"trainer.init_from={tmp_path}/missing.pt"], Path(cfg.paths.cache_dir)),
+            tmp_path / "bad",
+        )
+
+
+def test_staged_run_logs_each_phase_and_ends_with_the_last(small_demo_cfg, tmp_path):
+    m = train(small_demo_cfg("freeze=staged", "trainer.max_steps=3", "trainer.save_checkpoint=false"), tmp_path)
+    assert m["steps"] == 6 and m["epochs"] == 2
+    assert m["phase/unfrozen_text/test/acc"] == m[TEST_ACC]
+    assert "phase/frozen_text/test/acc" in m and m["params/trainable/text"] > 0
