@@ -223,7 +223,7 @@ class QADataset(Dataset):
             with Image.open(path) as im:
                 im = im.convert("RGB")
             pixels = self.processor(images=im, return_tensors="pt")["pixel_values"][0]  # (3, H, W)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if self.on_bad_image == "error":
                 raise ClipqaError(
                     f"Cannot read image {path} ({type(e).__name__}: {e}); it is used by question {i + 1} of the "

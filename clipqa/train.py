@@ -169,6 +169,20 @@ def build_optimizer(ocfg: DictConfig, params, lr: float | None = None) -> torch.
         ) from None
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Fail up front, naming the folder, if it cannot be created or written (permissions, a file in the way,
+    a full disk)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".clipqa-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ClipqaError(
+            f"Cannot write to {folder}, {what}: {e.strerror or e}. Point it at a writable folder."
+        ) from None
+
+
 @dataclass
 class Phase:
     """One stage of training: ``epochs`` at ``lr`` with a freeze policy, optionally with a fresh optimizer."""
@@ -229,7 +243,9 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
     """
     cfg = validate(cfg)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the run folder (hydra.run.dir / hydra.sweep.dir)")
+    if cfg.data.synthetic is not None or cfg.backbone.tiny is not None:
+        check_writable(Path(cfg.paths.cache_dir).expanduser(), "paths.cache_dir (or $CLIPQA_CACHE_DIR)")
     info = info or RunInfo()
     tracker = make_tracker(cfg, info)
     try:
@@ -422,6 +438,7 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
         "data/n_train": len(train_split),
         "data/n_val": len(val_split),
         "data/n_test": len(test_split),
+        "data/n_test_evaluated": len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
         "data/n_train_dropped": len(dropped),
         **counts,
     }
