@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clipqa.errors import ClipqaError
+from clipqa.errors import EXIT_PREEMPTED, ClipqaError, Preempted
 from clipqa.metrics import OBJECTIVE
 
 log = logging.getLogger("clipqa")
@@ -38,6 +38,9 @@ def main(cfg: DictConfig) -> float:
 
             on_validation = pruning_callback(cfg.optuna)
         metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
+    except Preempted as e:
+        log.warning("clipqa: %s", e)
+        sys.exit(EXIT_PREEMPTED)
     except ClipqaError as e:
         log.error("clipqa: error: %s", e)  # console and the run's train.log, one paragraph, no traceback
         if HydraConfig.get().mode == RunMode.MULTIRUN:

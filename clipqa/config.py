@@ -135,6 +135,9 @@ class TrainerConfig:
     save_checkpoint: bool = MISSING
     phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
     init_from: str | None = MISSING  # warm start from an earlier run's best.pt
+    resume: str = MISSING  # auto: continue from the run folder's last checkpoint / skip a finished run | never
+    checkpoint_every: int = MISSING  # resume checkpoints every N steps (and at every epoch and phase end)
+    keep_checkpoints: int = MISSING
 
 
 @dataclass
@@ -234,6 +237,15 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
             _fail(f"trainer.phases[{i}].epochs", p.epochs, "must be > 0", "give every phase at least one epoch")
         if p.lr is not None and p.lr <= 0 or p.lr_scale is not None and p.lr_scale <= 0:
             _fail(f"trainer.phases[{i}].lr", p.lr, "must be > 0", "set lr or lr_scale to a positive number")
+    if t.resume not in ("auto", "never"):
+        _fail("trainer.resume", t.resume, "unknown resume policy", "choose auto or never")
+    if t.checkpoint_every <= 0 or t.keep_checkpoints <= 0:
+        _fail(
+            "trainer.checkpoint_every",
+            t.checkpoint_every,
+            "must be > 0 (and keep_checkpoints > 0)",
+            "use e.g. trainer.checkpoint_every=1000 trainer.keep_checkpoints=2",
+        )
     if t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
     if t.precision not in ("fp32", "bf16", "fp16"):

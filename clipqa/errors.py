@@ -8,3 +8,10 @@ it without a traceback and exits with status 2.
 
 class ClipqaError(Exception):
     """A user-fixable problem; the message names the file/key and the fix."""
+
+
+class Preempted(Exception):
+    """SIGTERM (what SLURM sends before preempting) arrived: a checkpoint was saved; re-run to resume."""
+
+
+EXIT_PREEMPTED = 75  # train.py's exit status after a SIGTERM checkpoint (EX_TEMPFAIL: run it again)

@@ -156,11 +156,16 @@ class Tracker:
 class MlflowTracker(Tracker):
     """One MLflow run, written through ``MlflowClient`` (explicit run ids: no global active-run state)."""
 
-    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str]):
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:  # resume: the same run continues
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            log.info("continuing MLflow run %s at %s <trainer.resume=auto>", run_id, uri)
+            return
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
@@ -204,12 +209,17 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_tracker(cfg: DictConfig, info: RunInfo) -> Tracker:
-    """Start the run's tracker from ``cfg.tracking`` and log the flattened resolved config as params."""
+def make_tracker(cfg: DictConfig, info: RunInfo, run_id: str | None = None) -> Tracker:
+    """Start the run's tracker from ``cfg.tracking`` and log the flattened resolved config as params.
+
+    ``run_id``: continue that MLflow run (a resumed training run) instead of creating one.
+    """
     t = cfg.tracking
     if t.backend == "none":
         return Tracker()
     uri = resolve_uri(t.uri)
+    if run_id is not None:
+        return MlflowTracker(uri, t.experiment, "", {}, run_id=run_id)
     parent = read_parent(info.sweep_dir) if info.multirun else None
     tags = {"clipqa.overrides": " ".join(info.overrides) or "(none)"}
     if commit := git_commit():

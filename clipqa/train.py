@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipqa import metrics as M
+from clipqa import resume
 from clipqa.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from clipqa.config import validate
 from clipqa.data import (
@@ -46,10 +47,11 @@ from clipqa.data import (
     train_val_split,
 )
 from clipqa.demo_data import ensure_demo
-from clipqa.errors import ClipqaError
+from clipqa.errors import ClipqaError, Preempted
 from clipqa.model import ClipQA, apply_freeze, build_model, trainable_state
 from clipqa.plots import save_curves
 from clipqa.pretrained import load_backbone
+from clipqa.resume import EpochSampler
 from clipqa.tracking import RunInfo, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -97,14 +99,19 @@ def load_data(cfg: DictConfig) -> tuple[Split, Split, Split, dict[int, Path]]:
     return train, val, test, index
 
 
-def make_loader(ds, collate, batch_size: int, shuffle: bool, num_workers: int, seed: int, pin: bool) -> DataLoader:
+def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bool) -> DataLoader:
+    """``sampler``: an :class:`EpochSampler` for training (seeded, resumable order) or None (in order).
+
+    The loader gets its own generator so that starting an iterator never draws from the global torch RNG (which
+    dropout uses): a resumed run then draws exactly the random numbers an uninterrupted one does.
+    """
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        generator=torch.Generator().manual_seed(0),
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
@@ -247,9 +254,21 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
     if cfg.data.synthetic is not None or cfg.backbone.tiny is not None:
         check_writable(Path(cfg.paths.cache_dir).expanduser(), "paths.cache_dir (or $CLIPQA_CACHE_DIR)")
     info = info or RunInfo()
-    tracker = make_tracker(cfg, info)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    state = None
+    if cfg.trainer.resume == "auto":
+        if (finished := finished_metrics(out, resolved)) is not None:
+            log.info("%s already holds this run's results; not training again <trainer.resume=auto>", out)
+            return finished
+        state = resume.latest(out, resolved)
+    tracker = make_tracker(cfg, info, run_id=state["mlflow_run_id"] if state else None)
+    previous = _install_sigterm_handler()
     try:
-        results = _run(cfg, out, tracker, info, on_validation)
+        results = _run(cfg, out, tracker, info, on_validation, state)
+    except Preempted as e:
+        tracker.set_tags({"clipqa.resumable": "true"})
+        tracker.finish("KILLED", error=str(e))
+        raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)")
         raise
@@ -260,14 +279,61 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
         else:
             tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        _restore_sigterm_handler(previous)
     tracker.finish("FINISHED")
     return results
 
 
-def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validation=None) -> dict[str, float]:
+_stop = {"requested": False}
+
+
+def stop_requested() -> bool:
+    return _stop["requested"]
+
+
+def _install_sigterm_handler():
+    import signal
+    import threading
+
+    _stop["requested"] = False
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        _stop["requested"] = True
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm_handler(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def finished_metrics(out: Path, resolved: dict) -> dict | None:
+    """The metrics of a finished run of the same config in ``out`` (re-running a sweep skips finished jobs)."""
+    if not ((out / "metrics.json").is_file() and (out / "config.yaml").is_file()):
+        return None
+    import yaml
+
+    done_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    if resume._comparable(done_cfg) != resume._comparable(resolved):
+        return None
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+
+
+def _run(
+    cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validation=None, state: dict | None = None
+) -> dict[str, float]:
     # 1. seed, device ----------------------------------------------------------------------------------------------
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
     t = cfg.trainer
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(t.seed)
     device = pick_device(t.device)
     log.info("device %s <trainer.device=%s>, precision %s, seed %d", device, t.device, t.precision, t.seed)
@@ -313,13 +379,15 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
     pin = device.type == "cuda"
     policy = cfg.data.on_bad_image
 
-    def loader(split: Split, y: list[int], shuffle: bool, bs: int) -> DataLoader:
+    def loader(split: Split, y: list[int], sampler, bs: int) -> DataLoader:
         ds = QADataset(split, y, index, backbone.image_processor, policy)
-        return make_loader(ds, collate, bs, shuffle, t.num_workers, t.seed, pin)
+        return make_loader(ds, collate, bs, sampler, t.num_workers, pin)
 
-    train_loader = loader(train_split, y_train, True, t.batch_size)
-    val_loader = loader(val_split, labels.labels(val_split.answers), False, t.eval_batch_size)
-    test_loader = loader(test_split, labels.labels(test_split.answers), False, t.eval_batch_size)
+    sampler = EpochSampler(len(train_split), t.seed)
+    train_loader = loader(train_split, y_train, sampler, t.batch_size)
+    batches_per_epoch = math.ceil(len(train_split) / t.batch_size)
+    val_loader = loader(val_split, labels.labels(val_split.answers), None, t.eval_batch_size)
+    test_loader = loader(test_split, labels.labels(test_split.answers), None, t.eval_batch_size)
     prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
     prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
 
@@ -342,10 +410,54 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
         if on_validation is not None:
             on_validation(val[M.VAL_ACC], step)  # e.g. Optuna pruning: may raise optuna.TrialPruned
 
+    params_by_name = dict(model.named_parameters())
+    names_by_id = {id(p): n for n, p in params_by_name.items()}
+    start_phase, start_epoch, start_batch = 0, 0, 0
+    if state is not None:  # resume: weights, counters, history and RNG exactly as they were at the checkpoint
+        model.load_state_dict(state["model"], strict=False)
+        trained_parts |= set(state["trained_parts"])
+        history[:] = state["history"]
+        phase_metrics.update(state["phase_metrics"])
+        step, seen = state["step"], state["seen"]
+        start_phase, start_epoch, start_batch = state["phase"], state["epoch"], state["batch"]
+        torch.set_rng_state(state["rng"])
+
+    def checkpoint(p_idx: int, epoch: int, batch: int, best: dict, phase_start: int) -> None:
+        """Save everything needed to continue after (phase p_idx, epoch, batch batches done)."""
+        resume.save(
+            out,
+            {
+                "config": resolved,
+                "step": step,
+                "seen": seen,
+                "phase": p_idx,
+                "epoch": epoch,
+                "batch": batch,
+                "phase_start": phase_start,
+                "model": trainable_state(model, trained_parts),
+                "trained_parts": sorted(trained_parts),
+                "history": history,
+                "phase_metrics": phase_metrics,
+                "optimizer": optimizer.state_dict() if optimizer else None,
+                "optimizer_groups": [[names_by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+                if optimizer
+                else None,
+                "scaler": scaler.state_dict(),
+                "best": best,
+                "rng": torch.get_rng_state(),
+                "mlflow_run_id": tracker.run_id,
+            },
+            t.keep_checkpoints,
+        )
+
     for p_idx, phase in enumerate(phases):
+        if p_idx < start_phase:
+            trained_parts |= {n for n in ("vision", "text", "mapper") if not phase.freeze[n]}
+            continue
+        resuming = state is not None and p_idx == start_phase
         counts = apply_freeze(model, **phase.freeze)
         trained_parts |= {n for n in ("vision", "text", "mapper") if not phase.freeze[n]}
-        if p_idx == 0:
+        if p_idx == 0 and not resuming:
             tracker.log_params(counts)
         log.info(
             "phase %s: %d epoch(s) at lr %g, %s trainable parameters <trainer.phases[%d]>",
@@ -356,7 +468,14 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
             p_idx,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if optimizer is None or phase.fresh_optimizer:
+        if resuming and state["optimizer"] is not None:  # rebuild the same parameter groups, then its state
+            groups = [[params_by_name[n] for n in g] for g in state["optimizer_groups"]]
+            optimizer = build_optimizer(cfg.optimizer, groups[0], lr=phase.lr)
+            for g in groups[1:]:
+                optimizer.add_param_group({"params": g})
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        elif optimizer is None or phase.fresh_optimizer:
             optimizer = build_optimizer(cfg.optimizer, trainable, lr=phase.lr)
         else:  # keep the optimizer state; newly unfrozen parameters join as a new group
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -365,55 +484,71 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
                 optimizer.add_param_group({"params": new})
             for g in optimizer.param_groups:
                 g["lr"] = phase.lr
-        phase_steps = phase.epochs * len(train_loader)
+        phase_steps = phase.epochs * batches_per_epoch
         if t.max_steps is not None:
             phase_steps = min(phase_steps, t.max_steps)
-        start = step
-        best = {"acc": -1.0, "step": step, "state": trainable_state(model, trained_parts)}
+        if resuming:
+            start, best = state["phase_start"], state["best"]
+        else:
+            start, best = step, {"acc": -1.0, "step": step, "state": trainable_state(model, trained_parts)}
 
         model.train()
-        bar = tqdm(total=phase_steps, desc="training", unit="step")
-        for epoch in range(phase.epochs):
-            bar.set_description(f"{phase.name} epoch {epoch + 1}/{phase.epochs}")
-            for batch in train_loader:
-                if batch is None:
-                    continue
-                batch = _to(batch, device)
-                with autocast(device, t.precision):
-                    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
-                    loss = F.cross_entropy(logits.float(), batch["labels"])
-                if not torch.isfinite(loss):
-                    raise ClipqaError(
-                        f"Non-finite loss {loss.item()} at step {step} (phase {phase.name}, epoch {epoch}, lr "
-                        f"{phase.lr:g}). Lower optimizer.lr or use trainer.precision=fp32."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                seen += batch["labels"].shape[0]
-                bar.update(1)
-                if step % t.log_every == 0 or step == start + 1:
-                    rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
-                    row = {
-                        M.TRAIN_LOSS: loss.item(),
-                        "train/examples_per_s": rate,
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "epoch": epoch,
-                        "phase": p_idx,
-                    }
-                    history.append({"step": step, **row})
-                    tracker.log_metrics(row, step)
-                if (step - start) % t.eval_every == 0 and step - start < phase_steps:
-                    validate_now(step, best)
-                if step - start >= phase_steps:
-                    break
-            if (step - start) % t.eval_every != 0 or step - start >= phase_steps:  # epoch end, unless just done
-                validate_now(step, best)
+        bar = tqdm(total=phase_steps, initial=step - start, desc="training", unit="step")
+        for epoch in range(start_epoch if resuming else 0, phase.epochs):
+            first = start_batch if resuming and epoch == start_epoch else 0
             if step - start >= phase_steps:
                 break
+            if first < batches_per_epoch:
+                bar.set_description(f"{phase.name} epoch {epoch + 1}/{phase.epochs}")
+                sampler.epoch = sum(p.epochs for p in phases[:p_idx]) + epoch  # a new order every epoch
+                sampler.start = first * t.batch_size
+                done = first
+                for batch in train_loader:
+                    done += 1
+                    if batch is None:
+                        continue
+                    batch = _to(batch, device)
+                    with autocast(device, t.precision):
+                        logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+                        loss = F.cross_entropy(logits.float(), batch["labels"])
+                    if not torch.isfinite(loss):
+                        raise ClipqaError(
+                            f"Non-finite loss {loss.item()} at step {step} (phase {phase.name}, epoch {epoch}, lr "
+                            f"{phase.lr:g}). Lower optimizer.lr or use trainer.precision=fp32."
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                    seen += batch["labels"].shape[0]
+                    bar.update(1)
+                    if step % t.log_every == 0 or step == start + 1:
+                        rate = seen / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
+                        row = {
+                            M.TRAIN_LOSS: loss.item(),
+                            "train/examples_per_s": rate,
+                            "train/lr": optimizer.param_groups[0]["lr"],
+                            "epoch": epoch,
+                            "phase": p_idx,
+                        }
+                        history.append({"step": step, **{k: v for k, v in row.items() if k != "train/examples_per_s"}})
+                        tracker.log_metrics(row, step)
+                    if (step - start) % t.eval_every == 0 and step - start < phase_steps:
+                        validate_now(step, best)
+                    last_of_epoch = done >= batches_per_epoch or step - start >= phase_steps
+                    if not last_of_epoch and (step % t.checkpoint_every == 0 or stop_requested()):
+                        checkpoint(p_idx, epoch, done, best, start)
+                        if stop_requested():
+                            raise Preempted(f"stopped by SIGTERM at step {step}; re-run the same command to resume")
+                    if step - start >= phase_steps:
+                        break
+                if (step - start) % t.eval_every != 0 or step - start >= phase_steps:  # epoch end, unless just done
+                    validate_now(step, best)
+                checkpoint(p_idx, epoch, batches_per_epoch, best, start)
+                if stop_requested():
+                    raise Preempted(f"stopped by SIGTERM at step {step}; re-run the same command to resume")
         bar.close()
 
         # 5. test this phase's best weights on the full test split (the next phase starts from them) ---------------
@@ -424,6 +559,8 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
             phase_metrics.update(per_phase)
             tracker.log_metrics(per_phase, step)
             log.info("phase %s: test/acc %.4f, val/acc %.4f", phase.name, test[M.TEST_ACC], best["acc"])
+        if p_idx + 1 < len(phases):
+            checkpoint(p_idx + 1, 0, 0, best, step)
     train_seconds = time.perf_counter() - t0
 
     results: dict[str, float] = {
@@ -451,7 +588,6 @@ def _run(cfg: DictConfig, out: Path, tracker: Tracker, info: RunInfo, on_validat
     )
 
     # 6. files ----------------------------------------------------------------------------------------------------
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     with open(out / "history.jsonl", "w") as f:
         for row in history:

@@ -52,7 +52,7 @@ def test_best_checkpoint_loads_without_hydra_and_reproduces_test_accuracy(demo_r
     test = read_split(root, "test")
     labels = LabelSpace("vocab", classes, backbone.tokenizer).labels(test.answers)
     ds = QADataset(test, labels, index_images(root / "images"), backbone.image_processor, "error")
-    loader = make_loader(ds, Collator(backbone.tokenizer, 64), 64, False, 0, 0, False)
+    loader = make_loader(ds, Collator(backbone.tokenizer, 64), 64, None, 0, False)
     again, _ = evaluate(model, loader, torch.device("cpu"), "fp32", "test")
     assert again[TEST_ACC] == pytest.approx(metrics[TEST_ACC])
 
