@@ -1,10 +1,12 @@
 """Slow tier (`python -m pytest -m slow`; CI runs it): Hydra multiruns and the full demo as users run them."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +16,13 @@ from tests.conftest import ROOT
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def report_command() -> str:
+    """The installed clipqa-report console script (next to this Python if PATH lacks it)."""
+    exe = shutil.which("clipqa-report") or shutil.which("clipqa-report", path=str(Path(sys.executable).parent))
+    assert exe, "the clipqa-report console script is not installed (pip install -e .)"
+    return exe
 
 
 def test_multirun_over_mapper_depth_leaves_three_runs_nested_in_mlflow_and_a_report(tmp_path):
@@ -66,7 +75,7 @@ def test_multirun_over_mapper_depth_leaves_three_runs_nested_in_mlflow_and_a_rep
 
     out = tmp_path / "report"
     rep = subprocess.run(
-        ["clipqa-report", "--tracking-uri", uri, "--experiment", "e", "--out", str(out)],
+        [report_command(), "--tracking-uri", uri, "--experiment", "e", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

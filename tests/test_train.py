@@ -150,3 +150,11 @@ def test_staged_run_logs_each_phase_and_ends_with_the_last(small_demo_cfg, tmp_p
     assert m["steps"] == 6 and m["epochs"] == 2
     assert m["phase/unfrozen_text/test/acc"] == m[TEST_ACC]
     assert "phase/frozen_text/test/acc" in m and m["params/trainable/text"] > 0
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_phase_and_lr(small_demo_cfg, tmp_path):
+    cfg = small_demo_cfg("optimizer=sgd", "optimizer.lr=1e30", "trainer.max_steps=20")
+    with pytest.raises(ClipqaError) as e:
+        train(cfg, tmp_path)
+    msg = str(e.value)
+    assert "Non-finite loss" in msg and "at step" in msg and "phase train" in msg and "lr 1e+30" in msg
