@@ -150,17 +150,32 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def finish(self, status: str = "FINISHED", error: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED", error: str | None = None, run_dir: Path | None = None) -> None: ...
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run, written through ``MlflowClient`` (explicit run ids: no global active-run state)."""
+    """One MLflow run, written through ``MlflowClient`` (explicit run ids: no global active-run state).
+
+    Tracking faults never stop training: a write that fails (server down, database locked) is queued, a warning
+    says what was not logged, and the queue is replayed in order at the next write once the server answers again,
+    and at the end of the run. What still cannot be written then is kept in ``<run folder>/mlflow_pending.pkl`` and
+    uploaded later with ``python -m clipqa.tracking sync <run folder>``.
+    """
+
+    RETRY_AFTER_S = 5.0  # after a failure, wait this long before trying the server again
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
+        import os
+
         from mlflow.tracking import MlflowClient
 
+        # Fail fast instead of MLflow's default minutes of HTTP retries: we queue and retry ourselves.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self.pending: list[tuple[str, tuple, dict]] = []
+        self.failed_at = 0.0
         if run_id is not None:  # resume: the same run continues
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -181,7 +196,7 @@ class MlflowTracker(Tracker):
                 s = s[: MAX_PARAM_LEN - 40] + "... (truncated; see config.yaml)"
             items.append(Param(k, s))
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._call("log_batch", self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time
@@ -193,20 +208,86 @@ class MlflowTracker(Tracker):
             Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, int | float) and v == v
         ]  # NaN (absent type) is not logged
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            self._call("log_batch", self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._call("log_batch", self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call("log_artifact", self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+    def finish(self, status: str = "FINISHED", error: str | None = None, run_dir: Path | None = None) -> None:
+        import time
+
         if error:
             self.set_tags({"error": error})
-        self.client.set_terminated(self.run_id, status=status)
+        self._call("set_terminated", self.run_id, status=status)
+        for _ in range(6):  # the server may be coming back: give the queue a last chance
+            if not self.pending:
+                return
+            time.sleep(self.RETRY_AFTER_S)
+            self._flush()
+        if self.pending and run_dir is not None:
+            import pickle
+
+            with open(run_dir / "mlflow_pending.pkl", "wb") as f:
+                pickle.dump({"uri": self.uri, "ops": self.pending}, f)
+            log.warning(
+                "%d MLflow writes could not be made; upload them later with: python -m clipqa.tracking sync %s",
+                len(self.pending),
+                run_dir,
+            )
+
+    # --- fault tolerance -----------------------------------------------------------------------------------------
+    def _flush(self) -> bool:
+        """Replay queued writes in order; True when the queue is empty."""
+        import time
+
+        while self.pending:
+            method, args, kwargs = self.pending[0]
+            try:
+                getattr(self.client, method)(*args, **kwargs)
+            except Exception as e:
+                self.failed_at = time.monotonic()
+                log.debug("MLflow still unreachable: %s", e)
+                return False
+            self.pending.pop(0)
+        log.warning("MLflow reachable again at %s: queued writes were logged", self.uri)
+        return True
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        import time
+
+        if self.pending:
+            if time.monotonic() - self.failed_at < self.RETRY_AFTER_S or not self._flush():
+                self.pending.append((method, args, kwargs))
+                return
+        try:
+            getattr(self.client, method)(*args, **kwargs)
+        except Exception as e:
+            self.failed_at = time.monotonic()
+            self.pending.append((method, args, kwargs))
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            log.warning(
+                "MLflow write failed (%s): %s; training goes on, the write is queued and retried", method, first
+            )
+
+
+def sync(run_dir: str | Path) -> int:
+    """Upload the MLflow writes a run could not make (``mlflow_pending.pkl``); return how many were made."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    path = Path(run_dir) / "mlflow_pending.pkl"
+    data = pickle.loads(path.read_bytes())
+    client = MlflowClient(tracking_uri=data["uri"])
+    for method, args, kwargs in data["ops"]:
+        getattr(client, method)(*args, **kwargs)
+    path.unlink()
+    return len(data["ops"])
 
 
 def make_tracker(cfg: DictConfig, info: RunInfo, run_id: str | None = None) -> Tracker:
@@ -317,3 +398,11 @@ def mark_best_trial(config: DictConfig, number: int, value: float) -> None:
     for run in runs:
         client.set_tag(run.info.run_id, "clipqa.best_trial", "true")
     client.set_tag(parent["run_id"], "clipqa.best_trial", f"trial {number}: val/acc {value:.4f}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "sync":
+        raise SystemExit("usage: python -m clipqa.tracking sync RUN_FOLDER")
+    print(f"uploaded {sync(sys.argv[2])} MLflow writes from {sys.argv[2]}")

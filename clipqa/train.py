@@ -267,21 +267,21 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
         results = _run(cfg, out, tracker, info, on_validation, state)
     except Preempted as e:
         tracker.set_tags({"clipqa.resumable": "true"})
-        tracker.finish("KILLED", error=str(e))
+        tracker.finish("KILLED", error=str(e), run_dir=out)
         raise
     except KeyboardInterrupt:
-        tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+        tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)", run_dir=out)
         raise
     except BaseException as e:
         if type(e).__name__ == "TrialPruned":  # optuna's, without importing optuna here
             tracker.set_tags({"clipqa.pruned": "true"})
-            tracker.finish("KILLED", error=f"pruned by Optuna: {e}")
+            tracker.finish("KILLED", error=f"pruned by Optuna: {e}", run_dir=out)
         else:
-            tracker.finish("FAILED", error=f"{type(e).__name__}: {e}")
+            tracker.finish("FAILED", error=f"{type(e).__name__}: {e}", run_dir=out)
         raise
     finally:
         _restore_sigterm_handler(previous)
-    tracker.finish("FINISHED")
+    tracker.finish("FINISHED", run_dir=out)
     return results
 
 

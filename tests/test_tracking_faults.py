@@ -1,0 +1,103 @@
+"""Tracking faults never kill training: the MLflow server is stopped mid-run and restarted."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_DEMO
+from tests.test_mlflow_ui import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def start_server(db: str, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            db,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_training_survives_a_tracking_server_restart_and_the_run_gets_its_final_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    db, port = f"sqlite:///{tmp_path / 'm.db'}", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(db, port)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *SMALL_DEMO,
+        "trainer.epochs=6",
+        "trainer.eval_every=5",
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.experiment=f",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 180
+        while True:  # wait until the run has logged some validation results
+            exp = client.get_experiment_by_name("f")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and "val/acc" in runs[0].data.metrics:
+                break
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.5)
+        run_id = runs[0].info.run_id
+        stop(server)  # the server goes away mid-run ...
+        time.sleep(8)
+        assert proc.poll() is None, "training died with the tracking server"
+        server = start_server(db, port)  # ... and comes back
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 0, out[-3000:]
+        assert "MLflow write failed" in out
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert {"test/acc", "val/acc", "test/prior_acc"} <= set(metrics)
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+        assert not (tmp_path / "run" / "mlflow_pending.pkl").exists()
+    finally:
+        stop(server)
