@@ -343,13 +343,20 @@ class MlflowSweepCallback(Callback):
         swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
         swept += [override_key(k) for k in (config.hydra.sweeper.get("params") or {})]  # sweeps/*.yaml, Optuna
         uri = resolve_uri(config.tracking.uri)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        existing = read_parent(str(sweep_dir))
+        if existing and existing["uri"] == uri:  # the sweep is being re-run (resumed): keep its parent run
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=uri).update_run(existing["run_id"], status="RUNNING")
+            log.info("continuing the sweep's MLflow parent run %s", existing["run_id"])
+            return
         shown = [o for o in overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
         name = "sweep: " + (" ".join(shown) or "defaults")
         tags = {"clipqa.sweep": "true", "clipqa.overrides": " ".join(overrides)}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         parent = MlflowTracker(uri, config.tracking.experiment, name, tags)
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent.run_id, "uri": uri, "swept": swept}))
         parent.set_tags({"hydra.sweep.dir": str(sweep_dir)})

@@ -261,7 +261,14 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
             log.info("%s already holds this run's results; not training again <trainer.resume=auto>", out)
             return finished
         state = resume.latest(out, resolved)
-    tracker = make_tracker(cfg, info, run_id=state["mlflow_run_id"] if state else None)
+    # A run folder remembers its MLflow run: a restart continues it (no duplicate runs), checkpoint or not.
+    id_file = out / "mlflow_run_id.txt"
+    previous_id = state["mlflow_run_id"] if state else None
+    if previous_id is None and cfg.trainer.resume == "auto" and id_file.is_file():
+        previous_id = id_file.read_text().strip() or None
+    tracker = make_tracker(cfg, info, run_id=previous_id)
+    if tracker.run_id:
+        id_file.write_text(tracker.run_id)
     previous = _install_sigterm_handler()
     try:
         results = _run(cfg, out, tracker, info, on_validation, state)
@@ -282,7 +289,11 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
     finally:
         _restore_sigterm_handler(previous)
     tracker.finish("FINISHED", run_dir=out)
+    (out / DONE_MARKER).write_text("finished\n")  # last of all: a re-run of this folder skips the run
     return results
+
+
+DONE_MARKER = ".clipqa_done"  # written after every file and every MLflow write of a finished run
 
 
 _stop = {"requested": False}
@@ -316,7 +327,7 @@ def _restore_sigterm_handler(previous) -> None:
 
 def finished_metrics(out: Path, resolved: dict) -> dict | None:
     """The metrics of a finished run of the same config in ``out`` (re-running a sweep skips finished jobs)."""
-    if not ((out / "metrics.json").is_file() and (out / "config.yaml").is_file()):
+    if not ((out / DONE_MARKER).is_file() and (out / "metrics.json").is_file() and (out / "config.yaml").is_file()):
         return None
     import yaml
 

@@ -99,29 +99,29 @@ def test_killed_or_preempted_run_resumes_to_the_same_metrics(sig, tmp_path):
 
 @pytest.mark.slow
 def test_rerunning_a_stopped_sweep_runs_only_the_missing_jobs(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        *RUN,
-        "trainer.seed=1,2,3,4",
-        "trainer.max_steps=8",
-        "tracking=none",
-        f"hydra.sweep.dir={sweep}",
-    ]
+    from mlflow.tracking import MlflowClient
+
+    sweep, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'm.db'}"
+    args = [sys.executable, str(ROOT / "train.py"), "-m", *RUN, "trainer.seed=1,2,3,4", "trainer.max_steps=8"]
+    args += ["tracking=mlflow", f"tracking.uri={uri}", "tracking.experiment=sw", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(list(sweep.glob("*/metrics.json"))) < 2:
+    while len(list(sweep.glob("*/.clipqa_done"))) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
     proc.kill()
     proc.wait(60)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/.clipqa_done")}
     assert 2 <= len(finished) < 4
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list(sweep.glob("*/metrics.json"))) == 4
     for job, mtime in finished.items():  # finished jobs were not trained again
-        assert (sweep / job / "metrics.json").stat().st_mtime_ns == mtime
+        assert (sweep / job / ".clipqa_done").stat().st_mtime_ns == mtime
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("clipqa.sweep") == "true"]  # the re-run kept its parent
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(x.info.run_name for x in children) == [f"trainer.seed={i}" for i in (1, 2, 3, 4)]
+    assert all(x.info.status == "FINISHED" for x in children) and parent.info.status == "FINISHED"
