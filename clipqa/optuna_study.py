@@ -44,11 +44,31 @@ def make_storage(url: str | None):
         ) from None
 
 
+def make_pruner(p):
+    """The pruner named by ``hydra.sweeper.pruner`` (median | hyperband | none); the job builds the same one."""
+    import optuna
+
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(p.n_startup_trials), n_warmup_steps=int(p.n_warmup_steps)
+        )
+    if p.name == "hyperband":
+        max_resource = p.max_resource if p.max_resource == "auto" else int(p.max_resource)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=int(p.min_resource), max_resource=max_resource, reduction_factor=int(p.reduction_factor)
+        )
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"hydra.sweeper.pruner.name={p.name!r}: choose median, hyperband or none")
+
+
 def pruning_callback(ocfg):
     """``on_validation(val_acc, step)`` for :func:`clipqa.train.train` that reports to the job's Optuna trial."""
     import optuna
 
-    study = optuna.load_study(study_name=ocfg.study_name, storage=make_storage(ocfg.storage))
+    study = optuna.load_study(
+        study_name=ocfg.study_name, storage=make_storage(ocfg.storage), pruner=make_pruner(ocfg.pruner)
+    )
     trial = optuna.trial.Trial(study, int(ocfg.trial_id))
 
     def report(value: float, step: int) -> None:

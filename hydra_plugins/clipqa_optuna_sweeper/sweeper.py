@@ -98,21 +98,9 @@ class ClipqaOptunaSweeper(Sweeper):
         raise ValueError(f"hydra.sweeper.sampler.name={s.name!r}: choose tpe, random or grid")
 
     def _pruner(self):
-        import optuna
+        from clipqa.optuna_study import make_pruner
 
-        p = self.pruner_cfg
-        if p.name == "median":
-            return optuna.pruners.MedianPruner(
-                n_startup_trials=int(p.n_startup_trials), n_warmup_steps=int(p.n_warmup_steps)
-            )
-        if p.name == "hyperband":
-            max_resource = p.max_resource if p.max_resource == "auto" else int(p.max_resource)
-            return optuna.pruners.HyperbandPruner(
-                min_resource=int(p.min_resource), max_resource=max_resource, reduction_factor=int(p.reduction_factor)
-            )
-        if p.name == "none":
-            return optuna.pruners.NopPruner()
-        raise ValueError(f"hydra.sweeper.pruner.name={p.name!r}: choose median, hyperband or none")
+        return make_pruner(self.pruner_cfg)
 
     def _study(self, storage, space):
         """Create or load the study (creation retried: two processes creating one at once can collide)."""
@@ -156,6 +144,9 @@ class ClipqaOptunaSweeper(Sweeper):
             self.n_trials,
             {k: str(v) for k, v in space.items()},
         )
+        # The job re-opens the study and must judge with the same pruner (a loaded study gets Optuna's default).
+        pc = self.pruner_cfg
+        pruner_override = "{" + ",".join(f"{k}:{pc[k]}" for k in pc) + "}"
         failures: list[str] = []
         launched = 0
         job_idx = 0
@@ -175,6 +166,7 @@ class ClipqaOptunaSweeper(Sweeper):
                         f"+optuna.trial={trial.number}",
                         f"+optuna.trial_id={trial._trial_id}",  # Trial(study, id) in the job needs it
                         f"+optuna.study_name={self.study_name}",
+                        f"+optuna.pruner={pruner_override}",
                         f"+optuna.storage={url}",
                     ]
                 )
