@@ -102,10 +102,20 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
             # Show the test/acc column (Columns -> search -> tick it).
             page.get_by_role("button", name="Columns").click()
             page.get_by_placeholder("Search columns").fill("test/acc")
-            page.locator("[class*='tree-treenode']").filter(has_text="Metrics (").locator(
-                "[class*='tree-switcher']"
-            ).first.click()
-            page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).click()
+            # The filtered Metrics group may or may not be expanded already: expand it only while test/acc is hidden.
+            title = page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).first
+            switcher = (
+                page.locator("[class*='tree-treenode']")
+                .filter(has_text="Metrics (")
+                .locator("[class*='tree-switcher']")
+                .first
+            )
+            for _ in range(10):
+                page.wait_for_timeout(1000)
+                if title.is_visible():
+                    break
+                switcher.click()
+            title.click()
             page.keyboard.press("Escape")
             # Expand the sweep's parent run to show its children.
             page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
