@@ -6,15 +6,11 @@ not used: the system binary is launched). The screenshot is kept under tests/art
 
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.mlflow_server import free_port, start_server, stop
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
@@ -30,12 +26,6 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
@@ -67,33 +57,8 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
     assert set(accs) == {"mapper.num_layers=0", "mapper.num_layers=1"}
 
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            db,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server(db, port)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             page = browser.new_page(viewport={"width": 2000, "height": 900})
@@ -127,11 +92,7 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
             grid = page.locator("[role='grid']").first.inner_text()
             browser.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     for name, acc in accs.items():
         assert name in grid
         assert f"{acc:.2f}".rstrip("0").rstrip(".") in grid or str(round(acc, 4)) in grid, (acc, grid[:2000])

@@ -5,51 +5,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from tests.conftest import ROOT, SMALL_DEMO
-from tests.test_mlflow_ui import free_port
+from tests.mlflow_server import free_port, start_server, stop
 
 pytestmark = pytest.mark.slow
-
-
-def start_server(db: str, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            db,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(15)
-    except subprocess.TimeoutExpired:
-        server.kill()
 
 
 def test_training_survives_a_tracking_server_restart_and_the_run_gets_its_final_metrics(tmp_path):
