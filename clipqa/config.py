@@ -8,6 +8,7 @@ the YAML.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -65,6 +66,23 @@ class BackboneConfig:
 
 
 @dataclass
+class ImageTokensConfig:
+    select: str = MISSING  # all | cls | pooled
+    k: int | None = MISSING  # pooled: how many tokens (a square number)
+
+
+@dataclass
+class FeaturesConfig:
+    """The frozen-feature cache (clipqa/features.py)."""
+
+    cache: bool = MISSING  # use it whenever no phase trains the vision tower
+    dir: str = MISSING
+    dtype: str = MISSING  # fp16 | fp32
+    batch_size: int = MISSING  # images per CLIP forward while building
+    num_workers: int = MISSING
+
+
+@dataclass
 class MapperConfig:
     _target_: str = MISSING
     num_layers: int = MISSING
@@ -99,6 +117,7 @@ class OptimizerConfig:
     eps: float | None = None
     momentum: float | None = None
     nesterov: bool | None = None
+    fused: bool | None = None  # None: fused where torch has a kernel for the device
 
 
 @dataclass
@@ -130,8 +149,9 @@ class TrainerConfig:
     log_every: int = MISSING
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N
-    precision: str = MISSING  # fp32 | bf16 | fp16
+    precision: str = MISSING  # auto | fp32 | bf16 | fp16
     num_workers: int = MISSING
+    compile: bool = MISSING  # torch.compile the text model
     save_checkpoint: bool = MISSING
     phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
     init_from: str | None = MISSING  # warm start from an earlier run's best.pt
@@ -154,6 +174,8 @@ class RunConfig:
     paths: PathsConfig = MISSING
     data: DataConfig = MISSING
     backbone: BackboneConfig = MISSING
+    image_tokens: ImageTokensConfig = MISSING
+    features: FeaturesConfig = MISSING
     mapper: MapperConfig = MISSING
     head: HeadConfig = MISSING
     freeze: FreezeConfig = MISSING
@@ -248,8 +270,18 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
         )
     if t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        _fail("trainer.precision", t.precision, "unknown precision", "choose fp32, bf16 or fp16")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        _fail("trainer.precision", t.precision, "unknown precision", "choose auto, fp32, bf16 or fp16")
+    it = c.image_tokens
+    if it.select not in ("all", "cls", "pooled"):
+        _fail("image_tokens.select", it.select, "unknown token selection", "use image_tokens=all, cls or pooled")
+    if it.select == "pooled" and (it.k is None or it.k < 1 or math.isqrt(it.k) ** 2 != it.k):
+        _fail("image_tokens.k", it.k, "pooled tokens come from a square grid", "use a square number, e.g. 1, 4, 9, 16")
+    f = c.features
+    if f.dtype not in ("fp16", "fp32"):
+        _fail("features.dtype", f.dtype, "unknown feature dtype", "choose fp16 or fp32")
+    if f.batch_size <= 0 or f.num_workers < 0:
+        _fail("features.batch_size", f.batch_size, "must be > 0 (and num_workers >= 0)", "use e.g. 64 and 2")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         _fail("trainer.device", t.device, "unknown device", "choose auto, cpu, cuda or cuda:N")
     if c.backbone.image_position_offset < 1:

@@ -202,6 +202,26 @@ class LabelSpace:
         return len(self.classes)
 
 
+def load_pixels(path: Path, processor, on_bad_image: str, user: str) -> tuple[torch.Tensor | None, str | None]:
+    """Decode one image (as RGB) and pre-process it: ``(pixel_values (3, H, W), None)``.
+
+    Unreadable files raise ClipqaError naming the file and ``user`` (which question needs it) under
+    ``on_bad_image=error``; under ``skip`` the problem is logged and ``(None, reason)`` returned.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # greyscale, CMYK, PNG with alpha
+        return processor(images=im, return_tensors="pt")["pixel_values"][0], None  # (3, H, W)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if on_bad_image == "error":
+            raise ClipqaError(
+                f"Cannot read image {path} ({type(e).__name__}: {e}); it is used by {user}. Replace the file, or "
+                "pass data.on_bad_image=skip to skip such questions (each skip is logged)."
+            ) from None
+        log.warning("skipped unreadable image %s (%s) <data.on_bad_image=skip>", path, e)
+        return None, f"{type(e).__name__}: {e}"
+
+
 class QADataset(Dataset):
     """Items: ``{"pixel_values": (3, H, W), "question": str, "label": int (-1 = unanswerable), "type", "index"}``.
 
@@ -218,19 +238,9 @@ class QADataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict | None:
-        path = self.index[self.split.image_ids[i]]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-            pixels = self.processor(images=im, return_tensors="pt")["pixel_values"][0]  # (3, H, W)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            if self.on_bad_image == "error":
-                raise ClipqaError(
-                    f"Cannot read image {path} ({type(e).__name__}: {e}); it is used by question {i + 1} of the "
-                    f"{self.split.name} split. Replace the file, or pass data.on_bad_image=skip to skip such "
-                    "questions (each skip is logged)."
-                ) from None
-            log.warning("skipped unreadable image %s (%s) <data.on_bad_image=skip>", path, e)
+        user = f"question {i + 1} of the {self.split.name} split"
+        pixels, _ = load_pixels(self.index[self.split.image_ids[i]], self.processor, self.on_bad_image, user)
+        if pixels is None:
             return None
         return {
             "pixel_values": pixels,
@@ -244,8 +254,9 @@ class QADataset(Dataset):
 class Collator:
     """Stack images and tokenize questions with per-batch (dynamic) padding, not a fixed 63 tokens.
 
-    Batch: ``pixel_values (B, 3, H, W)``, ``input_ids``/``attention_mask (B, T)`` with T = longest question in the
-    batch (capped at ``max_tokens``), ``labels (B,)``, ``types (B,)``, ``index (B,)`` (question number in the split).
+    Batch: ``pixel_values (B, 3, H, W)`` (or ``image_features (B, N, D)`` from the feature cache),
+    ``input_ids``/``attention_mask (B, T)`` with T = longest question in the batch (capped at ``max_tokens``),
+    ``labels (B,)``, ``types (B,)``, ``index (B,)`` (question number in the split).
     """
 
     def __init__(self, tokenizer, max_tokens: int):
@@ -262,8 +273,9 @@ class Collator:
             max_length=self.max_tokens,
             return_tensors="pt",
         )
+        image = "image_features" if "image_features" in items[0] else "pixel_values"  # cached or decoded
         return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, H, W)
+            image: torch.stack([it[image] for it in items]),  # (B, 3, H, W) pixels or (B, N, D) cached features
             "input_ids": enc["input_ids"],  # (B, T)
             "attention_mask": enc["attention_mask"],  # (B, T)
             "labels": torch.tensor([it["label"] for it in items]),  # (B,)

@@ -20,10 +20,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from clipqa.errors import ClipqaError
+from clipqa.features import select_tokens
 from clipqa.pretrained import Backbone
 
 log = logging.getLogger(__name__)
 
+FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -69,8 +71,12 @@ class MLPMapper(nn.Module):
 class ClipQA(nn.Module):
     """Image + question -> answer logits. ``forward`` returns ``(B, n_classes)``.
 
-    Inputs: ``pixel_values (B, 3, H, W)`` from the CLIP image processor; ``input_ids``/``attention_mask (B, T)``
-    from the tokenizer (with [CLS] ... [SEP], dynamically padded).
+    Inputs: ``input_ids``/``attention_mask (B, T)`` from the tokenizer (with [CLS] ... [SEP], dynamically padded)
+    and either ``pixel_values (B, 3, H, W)`` from the CLIP image processor or ``image_features (B, N, D_vision)``
+    read from the feature cache (:mod:`clipqa.features`; the selected tokens of a frozen tower).
+
+    While the vision tower is frozen its features are computed in fp32 and rounded to ``feature_dtype`` (what the
+    cache stores), so a run gives the same results with or without the cache.
     """
 
     def __init__(
@@ -82,11 +88,15 @@ class ClipQA(nn.Module):
         *,
         image_position_offset: int,
         readout: str,
+        image_tokens: tuple[str, int | None] = ("all", None),
+        feature_dtype: torch.dtype = torch.float16,
     ):
         super().__init__()
         self.vision, self.mapper, self.text, self.head = vision, mapper, text, head
         self.image_position_offset = image_position_offset
         self.readout = readout
+        self.image_tokens = image_tokens
+        self.feature_dtype = feature_dtype
         self.frozen: set[str] = set()  # set by apply_freeze
 
     def train(self, mode: bool = True) -> ClipQA:
@@ -96,25 +106,46 @@ class ClipQA(nn.Module):
         return self
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, N, D_vision)``: CLIP's last_hidden_state (before the post-LayerNorm)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision" not in self.frozen):
-            return self.vision(pixel_values=pixel_values).last_hidden_state
+        """``(B, 3, H, W) -> (B, N, D_vision)``: the selected tokens of CLIP's last_hidden_state (before the
+        post-LayerNorm); N = 50 for ViT-B/32 with ``image_tokens=all``."""
+        if "vision" not in self.frozen:
+            hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + P, D)
+            return select_tokens(hidden, *self.image_tokens)
+        # Frozen: exactly what clipqa.features stores (fp32, no autocast, no graph), rounded to the stored dtype.
+        with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
+            hidden = self.vision(pixel_values=pixel_values.float()).last_hidden_state  # (B, 1 + P, D)
+            return select_tokens(hidden, *self.image_tokens).to(self.feature_dtype)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        img = self.mapper(self.encode_image(pixel_values))  # (B, N, D)
-        words = self.text.embeddings.word_embeddings(input_ids)  # (B, T, D)
-        B, T, N = input_ids.shape[0], input_ids.shape[1], img.shape[1]
-        x = torch.cat([words, img.to(words.dtype)], dim=1)  # (B, T + N, D)
-        mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
-        positions = torch.cat(
-            [
-                torch.arange(T, device=x.device),
-                self.image_position_offset + torch.arange(N, device=x.device),
-            ]
-        ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
-        h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B, T+N, D)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        feats = self.encode_image(pixel_values) if image_features is None else image_features  # (B, N, D_vision)
+        # No graph where no gradient is wanted: a frozen mapper needs none, and when the text model is frozen too
+        # nothing before the head trains (e.g. the paper's V1), so the whole backbone runs under no_grad.
+        grad = torch.is_grad_enabled()
+        mapper_trains = "mapper" not in self.frozen and any(p.requires_grad for p in self.mapper.parameters())
+        text_trains = "text" not in self.frozen
+        with torch.set_grad_enabled(grad and mapper_trains):
+            img = self.mapper(feats.to(self.head.weight.dtype))  # (B, N, D)
+        with torch.set_grad_enabled(grad and (mapper_trains or text_trains)):
+            with torch.set_grad_enabled(grad and text_trains):
+                words = self.text.embeddings.word_embeddings(input_ids)  # (B, T, D)
+            B, T, N = input_ids.shape[0], input_ids.shape[1], img.shape[1]
+            x = torch.cat([words, img.to(words.dtype)], dim=1)  # (B, T + N, D)
+            mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
+            positions = torch.cat(
+                [
+                    torch.arange(T, device=x.device),
+                    self.image_position_offset + torch.arange(N, device=x.device),
+                ]
+            ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
+            h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B,T+N,D)
         pooled = h[:, 0] if self.readout == "cls" else h[:, -1]  # (B, D): [CLS] or the last image token (paper)
-        return self.head(pooled)  # (B, n_classes)
+        return self.head(pooled)  # (B, n_classes): the head sees only the readout position
 
 
 def build_mapper(mcfg: DictConfig, in_dim: int, out_dim: int) -> nn.Module:
@@ -145,6 +176,8 @@ def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int) -> ClipQA:
         head,
         image_position_offset=cfg.backbone.image_position_offset,
         readout=cfg.head.readout,
+        image_tokens=(cfg.image_tokens.select, cfg.image_tokens.k),
+        feature_dtype=FEATURE_DTYPES[cfg.features.dtype],
     )
 
 

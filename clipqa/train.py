@@ -48,6 +48,7 @@ from clipqa.data import (
 )
 from clipqa.demo_data import ensure_demo
 from clipqa.errors import ClipqaError, Preempted
+from clipqa.features import FeatureDataset, ensure_store
 from clipqa.model import ClipQA, apply_freeze, build_model, trainable_state
 from clipqa.plots import save_curves
 from clipqa.pretrained import load_backbone
@@ -71,11 +72,43 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA (tensor cores), fp32 elsewhere (CPUs without bf16 units are slower in it)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision context: bf16/fp16 autocast on the device, nothing for fp32."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def feature_store(cfg: DictConfig, backbone, splits: list[Split], index: dict[int, Path], device: torch.device):
+    """The feature cache holding every image of ``splits``, built now if no run has built it yet."""
+    paths, users = {}, {}
+    for split in splits:
+        for i, image_id in enumerate(split.image_ids):
+            if image_id not in paths:
+                paths[image_id] = index[image_id]
+                users[image_id] = f"question {i + 1} of the {split.name} split"
+    f = cfg.features
+    return ensure_store(
+        vision=backbone.vision,
+        processor=backbone.image_processor,
+        paths=paths,
+        users=users,
+        select=cfg.image_tokens.select,
+        k=cfg.image_tokens.k,
+        dtype=f.dtype,
+        folder=f.dir,
+        device=device,
+        batch_size=f.batch_size,
+        num_workers=f.num_workers,
+        on_bad_image=cfg.data.on_bad_image,
+    )
 
 
 def load_data(cfg: DictConfig) -> tuple[Split, Split, Split, dict[int, Path]]:
@@ -121,6 +154,16 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def forward(model: ClipQA, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``(B, C)`` for a collated batch of pixels or cached features."""
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+        image_features=batch.get("image_features"),
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: ClipQA, loader: DataLoader, device: torch.device, precision: str, split: str
@@ -142,7 +185,7 @@ def evaluate(
             continue
         batch = _to(batch, device)
         with autocast(device, precision):
-            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+            logits = forward(model, batch)  # (B, C)
         labels = batch["labels"]
         known = labels >= 0
         if known.any():
@@ -161,11 +204,16 @@ def evaluate(
 def build_optimizer(ocfg: DictConfig, params, lr: float | None = None) -> torch.optim.Optimizer:
     """``optimizer._target_`` is the swap point (torch.optim.Adam / AdamW / SGD); None-valued kwargs are not passed.
 
-    ``lr`` overrides ``optimizer.lr`` (a training phase's learning rate).
+    ``lr`` overrides ``optimizer.lr`` (a training phase's learning rate). ``optimizer.fused=null`` picks torch's
+    fused kernel (one kernel for all parameters instead of a loop over tensors) for Adam/AdamW on CUDA and CPU.
     """
     kwargs = {k: v for k, v in OmegaConf.to_container(ocfg, resolve=True).items() if k != "_target_" and v is not None}
     if lr is not None:
         kwargs["lr"] = lr
+    params = list(params)
+    if ocfg.get("fused") is None and ocfg._target_ in ("torch.optim.Adam", "torch.optim.AdamW"):
+        first = params[0]["params"][0] if params and isinstance(params[0], dict) else (params[0] if params else None)
+        kwargs["fused"] = first is not None and first.device.type in ("cuda", "cpu")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
@@ -347,7 +395,10 @@ def _run(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(t.seed)
     device = pick_device(t.device)
-    log.info("device %s <trainer.device=%s>, precision %s, seed %d", device, t.device, t.precision, t.seed)
+    precision = resolve_precision(t.precision, device)
+    log.info(
+        "device %s <trainer.device=%s>, precision %s <trainer.precision=%s>", device, t.device, precision, t.precision
+    )
 
     # 2. data ------------------------------------------------------------------------------------------------------
     train_split, val_split, test_split, index = load_data(cfg)
@@ -382,16 +433,29 @@ def _run(
         )
 
     model = build_model(cfg, backbone, len(labels)).to(device)
+    if t.compile:  # in place, so state_dict keys (checkpoints) stay the same; dynamic: batches are padded per batch
+        model.text.compile(dynamic=True)
     trained_parts: set[str] = {"head"}  # every part that any phase trains (what best.pt must hold)
     if t.init_from:
         trained_parts |= load_init(model, t.init_from)
+
+    # The frozen-feature cache: used when no phase trains the vision tower (then CLIP runs once per image, ever).
+    phases = resolve_phases(cfg)
+    store = None
+    if cfg.features.cache and all(p.freeze["vision"] for p in phases):
+        store = feature_store(cfg, backbone, [train_split, val_split, test_split], index, device)
+    elif cfg.features.cache:
+        log.info("feature cache bypassed: a phase trains the vision tower <freeze.vision / trainer.phases>")
 
     collate = Collator(backbone.tokenizer, max_tokens)
     pin = device.type == "cuda"
     policy = cfg.data.on_bad_image
 
     def loader(split: Split, y: list[int], sampler, bs: int) -> DataLoader:
-        ds = QADataset(split, y, index, backbone.image_processor, policy)
+        if store is not None:
+            ds = FeatureDataset(split, y, store)
+        else:
+            ds = QADataset(split, y, index, backbone.image_processor, policy)
         return make_loader(ds, collate, bs, sampler, t.num_workers, pin)
 
     sampler = EpochSampler(len(train_split), t.seed)
@@ -403,16 +467,16 @@ def _run(
     prior_metrics = M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC)
 
     # 4. train, phase by phase (one phase unless trainer.phases is set) ---------------------------------------------
-    phases = resolve_phases(cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     history: list[dict] = []
     phase_metrics: dict[str, float] = {}
-    step, t0, seen = 0, time.perf_counter(), 0
+    step, seen = 0, 0
+    step_seconds, seen_here = 0.0, 0  # time in training steps (data wait included, validation excluded)
     optimizer: torch.optim.Optimizer | None = None
 
     def validate_now(step: int, best: dict) -> None:
         """Validate; keep a copy of the weights if they are the phase's best; let a sweeper prune the run."""
-        val, _ = evaluate(model, val_loader, device, t.precision, "val")
+        val, _ = evaluate(model, val_loader, device, precision, "val")
         history.append({"step": step, **val})
         tracker.log_metrics(val, step)
         log.info("step %d: val/acc %.4f val/loss %.4f", step, val[M.VAL_ACC], val[M.VAL_LOSS])
@@ -514,13 +578,14 @@ def _run(
                 sampler.epoch = sum(p.epochs for p in phases[:p_idx]) + epoch  # a new order every epoch
                 sampler.start = first * t.batch_size
                 done = first
+                tick = time.perf_counter()
                 for batch in train_loader:
                     done += 1
                     if batch is None:
                         continue
                     batch = _to(batch, device)
-                    with autocast(device, t.precision):
-                        logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # (B, C)
+                    with autocast(device, precision):
+                        logits = forward(model, batch)  # (B, C)
                         loss = F.cross_entropy(logits.float(), batch["labels"])
                     if not torch.isfinite(loss):
                         raise ClipqaError(
@@ -533,12 +598,16 @@ def _run(
                     scaler.update()
                     step += 1
                     seen += batch["labels"].shape[0]
+                    seen_here += batch["labels"].shape[0]
                     bar.update(1)
                     if step % t.log_every == 0 or step == start + 1:
-                        rate = seen / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{rate:.0f}")
+                        loss_value = loss.item()
+                    step_seconds += time.perf_counter() - tick
+                    if step % t.log_every == 0 or step == start + 1:
+                        rate = seen_here / step_seconds
+                        bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{rate:.1f}")
                         row = {
-                            M.TRAIN_LOSS: loss.item(),
+                            M.TRAIN_LOSS: loss_value,
                             "train/examples_per_s": rate,
                             "train/lr": optimizer.param_groups[0]["lr"],
                             "epoch": epoch,
@@ -555,6 +624,7 @@ def _run(
                             raise Preempted(f"stopped by SIGTERM at step {step}; re-run the same command to resume")
                     if step - start >= phase_steps:
                         break
+                    tick = time.perf_counter()
                 if (step - start) % t.eval_every != 0 or step - start >= phase_steps:  # epoch end, unless just done
                     validate_now(step, best)
                 checkpoint(p_idx, epoch, batches_per_epoch, best, start)
@@ -564,7 +634,7 @@ def _run(
 
         # 5. test this phase's best weights on the full test split (the next phase starts from them) ---------------
         model.load_state_dict(best["state"], strict=False)
-        test, test_preds = evaluate(model, test_loader, device, t.precision, "test")
+        test, test_preds = evaluate(model, test_loader, device, precision, "test")
         if len(phases) > 1:
             per_phase = {f"phase/{phase.name}/{k}": v for k, v in {**test, M.VAL_ACC: best["acc"]}.items()}
             phase_metrics.update(per_phase)
@@ -572,7 +642,6 @@ def _run(
             log.info("phase %s: test/acc %.4f, val/acc %.4f", phase.name, test[M.TEST_ACC], best["acc"])
         if p_idx + 1 < len(phases):
             checkpoint(p_idx + 1, 0, 0, best, step)
-    train_seconds = time.perf_counter() - t0
 
     results: dict[str, float] = {
         **test,
@@ -582,7 +651,8 @@ def _run(
         "best_step": best["step"],
         "steps": step,
         "epochs": sum(p.epochs for p in phases),
-        "train/seconds": train_seconds,
+        "train/seconds": step_seconds,  # in training steps, this process (validation and test excluded)
+        "train/examples_per_s": seen_here / step_seconds if step_seconds else float("nan"),
         "data/n_train": len(train_split),
         "data/n_val": len(val_split),
         "data/n_test": len(test_split),

@@ -90,8 +90,8 @@ def test_extra_padding_does_not_change_the_answer(backbone):
     short = tok(["what color is the circle"], return_tensors="pt")
     padded = tok(["what color is the circle"], padding="max_length", max_length=20, return_tensors="pt")
     with torch.no_grad():
-        a = model(pixels, short["input_ids"], short["attention_mask"])
-        b = model(pixels, padded["input_ids"], padded["attention_mask"])
+        a = model(short["input_ids"], short["attention_mask"], pixel_values=pixels)
+        b = model(padded["input_ids"], padded["attention_mask"], pixel_values=pixels)
     assert a.shape == (1, 7)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -103,8 +103,8 @@ def test_readout_last_reads_the_last_image_token(backbone):
     cls_model, last_model = make_model(backbone, "cls").eval(), make_model(backbone, "last").eval()
     last_model.head.load_state_dict(cls_model.head.state_dict())
     with torch.no_grad():
-        a = cls_model(pixels, enc["input_ids"], enc["attention_mask"])
-        b = last_model(pixels, enc["input_ids"], enc["attention_mask"])
+        a = cls_model(enc["input_ids"], enc["attention_mask"], pixel_values=pixels)
+        b = last_model(enc["input_ids"], enc["attention_mask"], pixel_values=pixels)
     assert not torch.allclose(a, b)
 
 
@@ -126,7 +126,7 @@ def test_gradients_reach_the_mapper_through_a_frozen_text_model(backbone):
     model = make_model(backbone)
     apply_freeze(model, vision=True, text=True, mapper=False)
     enc = backbone.tokenizer(["what color is the circle"], return_tensors="pt")
-    model(torch.randn(1, 3, 32, 32), enc["input_ids"], enc["attention_mask"]).sum().backward()
+    model(enc["input_ids"], enc["attention_mask"], pixel_values=torch.randn(1, 3, 32, 32)).sum().backward()
     assert model.mapper.net[0].weight.grad is not None
     assert all(p.grad is None for p in model.text.parameters())
 

@@ -1,0 +1,417 @@
+"""The frozen-feature cache: every image is encoded by the frozen CLIP tower once, then read back by every run.
+
+A sweep trains the same architecture many times over the same images. While the vision tower is frozen its
+output for an image never changes, so decoding the JPEG and running CLIP at every step of every run (what the
+paper's script did) is wasted work. :func:`ensure_store` encodes each image once into a store that every later run
+and every sweep job reuses; ``clipqa.train`` uses it automatically when no phase trains the vision tower
+(``features.cache=true``) and bypasses it when one does.
+
+Store layout (one folder per key under ``features.dir``, default ``<paths.cache_dir>/features``)::
+
+    <key>/features.npy   (n_images, N, D) float16 (``features.dtype``), an ordinary .npy: np.load(mmap_mode="r")
+    <key>/index.json     image ids in row order, unreadable images (on_bad_image=skip), the key's description
+    <key>.lock           held while one process builds; the others wait, then reuse
+
+The key is a hash of everything the features depend on: the vision weights (a digest of every tensor), the
+vision config, the image processor's class and settings, the token selection (``image_tokens``), the stored
+dtype, the library versions that decode and compute (Pillow, torch, transformers), and every image's file name,
+size and modification time. A changed input gives a new key, so a stale entry cannot be read.
+
+Safety: a store is written into ``<key>.tmp-<pid>/`` and renamed to ``<key>/`` only when complete (after fsync),
+so an interrupted build never looks complete. Several processes starting at once (sweep jobs, Optuna workers)
+serialise on ``<key>.lock`` (a ``filelock`` file lock, released by the OS if its holder dies): one builds, the
+others wait and then reuse it. Leftover ``.tmp-*`` folders of dead builds are removed by the next builder.
+
+Training reads rows with positional reads (``os.pread``) rather than through a live ``np.memmap``: the store's
+pages then stay in the OS page cache, shared by every process, and never count towards a training process's own
+memory, however large the store is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from clipqa.errors import ClipqaError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the store layout or the meaning of a feature changes
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def select_tokens(hidden: torch.Tensor, select: str, k: int | None) -> torch.Tensor:
+    """Choose which CLIP tokens go on to the mapper (the ``image_tokens`` ablation axis).
+
+    ``hidden``: CLIP's ``last_hidden_state`` ``(B, 1 + P, D)`` (CLS, then P patch tokens on a sqrt(P) x sqrt(P)
+    grid). Returns ``(B, N, D)``: ``all`` N = 1 + P (the paper: 50 for ViT-B/32); ``cls`` N = 1 (token 0);
+    ``pooled`` N = k: the patch grid average-pooled to a sqrt(k) x sqrt(k) grid (k a square number <= P).
+    """
+    if select == "all":
+        return hidden
+    if select == "cls":
+        return hidden[:, :1]  # (B, 1, D)
+    B, L, D = hidden.shape
+    side, out = math.isqrt(L - 1), math.isqrt(k)
+    if side * side != L - 1:
+        raise ClipqaError(f"image_tokens=pooled needs a square patch grid; this vision tower has {L - 1} patches.")
+    grid = hidden[:, 1:].transpose(1, 2).reshape(B, D, side, side)  # (B, D, side, side): patches back on the grid
+    pooled = F.adaptive_avg_pool2d(grid, out)  # (B, D, out, out)
+    return pooled.flatten(2).transpose(1, 2)  # (B, out*out, D), row-major over the pooled grid
+
+
+def n_selected(n_tokens: int, select: str, k: int | None) -> int:
+    """How many tokens :func:`select_tokens` keeps out of CLIP's ``n_tokens`` (1 + patches)."""
+    return {"all": n_tokens, "cls": 1}.get(select, k)
+
+
+# ---- the key -------------------------------------------------------------------------------------------------
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, shapes, dtypes, bytes): the weights' identity (~1 s for
+    ViT-B/32). A hub name or folder alone would not do: a re-downloaded or fine-tuned tower keeps its name."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def image_fingerprints(paths: dict[int, Path]) -> list[list]:
+    """``[image_id, file name, size in bytes, mtime in ns]`` per image, sorted by id.
+
+    The folder is left out on purpose, so moving the image folder (or ``rsync -a`` to a node's local disk) keeps
+    the key; editing or replacing a file changes its size or modification time and so the key.
+    """
+    out = []
+    for image_id in sorted(paths):
+        st = os.stat(paths[image_id])
+        out.append([image_id, paths[image_id].name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def describe(vision: torch.nn.Module, processor, select: str, k: int | None, dtype: str) -> dict:
+    """Everything except the images that the features depend on (JSON-able; hashed into the key)."""
+    import PIL
+    import transformers
+
+    vcfg = vision.config.to_dict()
+    for transient in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        vcfg.pop(transient, None)
+    return {
+        "format": FORMAT,
+        "vision_class": type(vision).__name__,
+        "vision_config": vcfg,
+        "vision_weights_sha256": weights_digest(vision),
+        "processor_class": type(processor).__name__,
+        "processor": json.loads(processor.to_json_string()),
+        "image_tokens": {"select": select, "k": k if select == "pooled" else None},
+        "dtype": dtype,
+        "versions": {"pillow": PIL.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def store_key(description: dict, fingerprints: list[list]) -> str:
+    h = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode())
+    h.update(json.dumps(fingerprints).encode())
+    return h.hexdigest()[:20]
+
+
+# ---- the store ------------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """Read side of a finished store: ``store[image_id] -> (N, D)`` tensor in the stored dtype.
+
+    Safe to use from DataLoader workers (positional reads on a descriptor opened per process).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "index.json").read_text())
+        self.rows = {int(i): r for r, i in enumerate(meta["image_ids"])}
+        self.bad = {int(i): why for i, why in meta["bad"].items()}
+        self.description = meta["description"]
+        arr = np.load(self.folder / "features.npy", mmap_mode="r")  # header only; nothing is read yet
+        self.shape, self.dtype, self.offset = arr.shape[1:], arr.dtype, arr.offset
+        del arr
+        self.row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self.rows and image_id not in self.bad
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        if self._pid != os.getpid():  # a DataLoader worker: its own descriptor
+            self._fd, self._pid = os.open(self.folder / "features.npy", os.O_RDONLY), os.getpid()
+        buf = os.pread(self._fd, self.row_bytes, self.offset + self.rows[image_id] * self.row_bytes)
+        return torch.from_numpy(np.frombuffer(buf, dtype=self.dtype).reshape(self.shape).copy())  # (N, D)
+
+    def __getstate__(self):  # pickled into spawned workers: no descriptor
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
+
+
+@dataclass
+class _Images(Dataset):
+    """Decoded, pre-processed images for the build: item -> (row, pixel_values (3, H, W) or None if unreadable)."""
+
+    ids: list[int]
+    paths: dict[int, Path]
+    processor: object
+    on_bad_image: str
+    users: dict[int, str]  # image id -> "question 3 of the train split" (for the error message)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int):
+        from clipqa.data import load_pixels
+
+        image_id = self.ids[row]
+        pixels, error = load_pixels(self.paths[image_id], self.processor, self.on_bad_image, self.users[image_id])
+        return row, pixels, error
+
+
+def _collate(items):
+    rows = [r for r, p, _ in items if p is not None]
+    bad = {r: e for r, p, e in items if p is None}
+    pixels = torch.stack([p for _, p, _ in items if p is not None]) if rows else None  # (B, 3, H, W)
+    return rows, pixels, bad
+
+
+def ensure_store(
+    *,
+    vision: torch.nn.Module,
+    processor,
+    paths: dict[int, Path],
+    users: dict[int, str],
+    select: str,
+    k: int | None,
+    dtype: str,
+    folder: str | Path,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    on_bad_image: str,
+) -> FeatureStore:
+    """The finished store for these images and this encoder, built now if no process has built it yet.
+
+    ``paths``: image id -> file for every image a run needs; ``users``: image id -> which question uses it (for
+    error messages). Blocks while another process builds the same key. Raises ClipqaError naming the file for an
+    unreadable image under ``on_bad_image=error``; under ``skip`` the image is recorded as bad (its questions are
+    dropped by the dataset and logged).
+    """
+    from filelock import FileLock, Timeout
+
+    t0 = time.perf_counter()
+    description = describe(vision, processor, select, k, dtype)
+    key = store_key(description, image_fingerprints(paths))
+    root = Path(folder).expanduser()
+    final = root / key
+    if (final / "index.json").is_file():
+        log.info("feature cache hit: %s (%d images) <features.dir>", final, len(paths))
+        return FeatureStore(final)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building the feature cache %s; waiting for it", final)
+        lock.acquire()
+    try:
+        if (final / "index.json").is_file():  # built by the process we waited for
+            log.info("feature cache built by another process: %s", final)
+            return FeatureStore(final)
+        for stale in root.glob(f"{key}.tmp-*"):  # we hold the lock: any tmp folder is a dead build's
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f"{key}.tmp-{os.getpid()}"
+        _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch_size, num_workers, on_bad_image)
+        meta = json.loads((tmp / "index.json").read_text())
+        meta["description"] = description
+        (tmp / "index.json").write_text(json.dumps(meta))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)  # atomic: the store appears complete or not at all
+        store = FeatureStore(final)
+        log.info(
+            "feature cache built: %s, %d images, %.1f MiB, %.0f s",
+            final,
+            len(paths),
+            store.nbytes() / 2**20,
+            time.perf_counter() - t0,
+        )
+        return store
+    finally:
+        lock.release()
+
+
+@torch.no_grad()
+def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch_size, num_workers, on_bad_image):
+    from tqdm import tqdm
+
+    ids = sorted(paths)
+    tmp.mkdir(parents=True)
+    was_training, vision_device = vision.training, next(vision.parameters()).device
+    vision.eval().to(device)
+    n_tok = n_selected(_n_tokens(vision), select, k)
+    shape = (len(ids), n_tok, vision.config.hidden_size)
+    np_dtype = DTYPES[dtype]
+    header = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np_dtype, shape=shape)
+    offset = header.offset
+    del header  # rows are written with plain file writes, so the build's memory does not grow with the store
+    loader = DataLoader(
+        _Images(ids, paths, processor, on_bad_image, users),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    bad: dict[str, str] = {}
+    row_bytes = n_tok * shape[2] * np.dtype(np_dtype).itemsize
+    bar = tqdm(total=len(ids), desc="encoding images (feature cache)", unit="img", file=sys.stderr)
+    try:
+        with open(tmp / "features.npy", "r+b") as f:
+            for rows, pixels, errors in loader:
+                for r, e in errors.items():
+                    bad[str(ids[r])] = e
+                if rows:
+                    # fp32 on purpose, never autocast: the features are a fixed function of the weights
+                    hidden = vision(pixel_values=pixels.to(device, non_blocking=True)).last_hidden_state
+                    feats = select_tokens(hidden, select, k).to("cpu", torch.float32).numpy().astype(np_dtype)
+                    for r, row in zip(rows, feats, strict=True):  # rows are consecutive except around bad images
+                        f.seek(offset + r * row_bytes)
+                        f.write(row.tobytes())
+                bar.update(len(rows) + len(errors))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        bar.close()
+        vision.to(vision_device).train(was_training)
+    (tmp / "index.json").write_text(json.dumps({"image_ids": ids, "bad": bad}))
+
+
+def _n_tokens(vision) -> int:
+    c = vision.config
+    return (c.image_size // c.patch_size) ** 2 + 1
+
+
+def _fsync_dir(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeatureDataset(Dataset):
+    """Like :class:`clipqa.data.QADataset`, with cached features instead of pixels.
+
+    Items: ``{"image_features": (N, D) in the stored dtype, "question", "label", "type", "index"}``; ``None`` for a
+    question whose image was unreadable under ``data.on_bad_image=skip`` (the collator drops it).
+    """
+
+    def __init__(self, split, labels: list[int], store: FeatureStore):
+        self.split, self.labels, self.store = split, labels, store
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict | None:
+        image_id = self.split.image_ids[i]
+        if image_id not in self.store:
+            return None
+        return {
+            "image_features": self.store[image_id],
+            "question": self.split.questions[i],
+            "label": self.labels[i],
+            "type": self.split.types[i],
+            "index": i,
+        }
+
+
+# ---- clipqa-cache: build the store ahead of a sweep ------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``clipqa-cache [OVERRIDES]``: build (or find) the feature cache a run with these overrides would use.
+
+    Run it once before a sweep (e.g. on the login node's GPU, or as the first SLURM job) so the sweep's jobs all
+    start from a finished store; they would otherwise build it themselves, one building while the others wait.
+    """
+    import argparse
+
+    from hydra import compose, initialize_config_dir
+
+    parser = argparse.ArgumentParser(
+        prog="clipqa-cache",
+        description="Encode every image of the configured dataset with the frozen CLIP tower once, into the "
+        "feature cache that training runs and sweep jobs reuse. Takes the same overrides as train.py.",
+        epilog="examples: clipqa-cache experiment=demo | clipqa-cache data.root=D data.image_root=I image_tokens=cls",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value)")
+    parser.add_argument("-cd", "--config-dir", default=None, help="config folder (e.g. sweeps); default conf/")
+    parser.add_argument("-cn", "--config-name", default="config", help="config name (e.g. a sweep file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    project = Path(__file__).resolve().parents[1]
+    conf = project / "conf"
+    config_dir = Path(args.config_dir).resolve() if args.config_dir else conf
+    if args.config_dir and not config_dir.is_dir() and (project / args.config_dir).is_dir():
+        config_dir = project / args.config_dir
+    if not (conf / "config.yaml").is_file() or not config_dir.is_dir():
+        sys.exit(f"clipqa-cache: error: cannot find the config folder {config_dir} (install clipqa with pip -e).")
+    try:
+        from clipqa.config import validate
+        from clipqa.pretrained import load_backbone
+        from clipqa.train import feature_store, load_data, pick_device, resolve_phases
+
+        overrides = list(args.overrides)
+        if config_dir != conf:
+            overrides.append(f"hydra.searchpath=[file://{conf}]")
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = validate(compose(args.config_name, overrides=overrides))
+        if not all(p.freeze["vision"] for p in resolve_phases(cfg)):
+            raise ClipqaError("this config trains the vision tower, so its runs do not use the feature cache.")
+        train_split, val_split, test_split, index = load_data(cfg)
+        backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
+        t0 = time.perf_counter()
+        store = feature_store(
+            cfg, backbone, [train_split, val_split, test_split], index, pick_device(cfg.trainer.device)
+        )
+    except ClipqaError as e:
+        sys.exit(f"clipqa-cache: error: {e}")
+    except Exception as e:  # a malformed override, an unknown config group
+        sys.exit(f"clipqa-cache: error: {type(e).__name__}: {e}")
+    n_bad = len(store.bad)
+    print(
+        f"feature cache: {store.folder}\n"
+        f"  {len(store.rows)} images ({n_bad} unreadable, skipped), {len(store.rows) - n_bad} encoded, "
+        f"{store.shape[0]} tokens x {store.shape[1]} ({store.dtype}) each\n"
+        f"  size {store.nbytes() / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
