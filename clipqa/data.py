@@ -202,7 +202,9 @@ class LabelSpace:
         return len(self.classes)
 
 
-def load_pixels(path: Path, processor, on_bad_image: str, user: str) -> tuple[torch.Tensor | None, str | None]:
+def load_pixels(
+    path: Path, processor, on_bad_image: str, user: str, log_skip: bool = True
+) -> tuple[torch.Tensor | None, str | None]:
     """Decode one image (as RGB) and pre-process it: ``(pixel_values (3, H, W), None)``.
 
     Unreadable files raise ClipqaError naming the file and ``user`` (which question needs it) under
@@ -218,7 +220,8 @@ def load_pixels(path: Path, processor, on_bad_image: str, user: str) -> tuple[to
                 f"Cannot read image {path} ({type(e).__name__}: {e}); it is used by {user}. Replace the file, or "
                 "pass data.on_bad_image=skip to skip such questions (each skip is logged)."
             ) from None
-        log.warning("skipped unreadable image %s (%s) <data.on_bad_image=skip>", path, e)
+        if log_skip:
+            log.warning("skipped unreadable image %s (%s) <data.on_bad_image=skip>", path, e)
         return None, f"{type(e).__name__}: {e}"
 
 

@@ -187,7 +187,9 @@ class _Images(Dataset):
         from clipqa.data import load_pixels
 
         image_id = self.ids[row]
-        pixels, error = load_pixels(self.paths[image_id], self.processor, self.on_bad_image, self.users[image_id])
+        path, user = self.paths[image_id], self.users[image_id]
+        pixels, error = load_pixels(path, self.processor, self.on_bad_image, user, log_skip=False)  # logged by the
+        # main process: a worker's log records would not reach the run's log file
         return row, pixels, error
 
 
@@ -283,6 +285,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # not the global RNG: a run draws the same dropout noise, cache built or not
     )
     bad: dict[str, str] = {}
     row_bytes = n_tok * shape[2] * np.dtype(np_dtype).itemsize
@@ -292,6 +295,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
             for rows, pixels, errors in loader:
                 for r, e in errors.items():
                     bad[str(ids[r])] = e
+                    log.warning("skipped unreadable image %s (%s) <data.on_bad_image=skip>", paths[ids[r]], e)
                 if rows:
                     # fp32 on purpose, never autocast: the features are a fixed function of the weights
                     hidden = vision(pixel_values=pixels.to(device, non_blocking=True)).last_hidden_state

@@ -86,14 +86,20 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def feature_store(cfg: DictConfig, backbone, splits: list[Split], index: dict[int, Path], device: torch.device):
-    """The feature cache holding every image of ``splits``, built now if no run has built it yet."""
+def images_of(splits: list[Split], index: dict[int, Path]) -> tuple[dict[int, Path], dict[int, str]]:
+    """Every image the splits use: (image id -> file, image id -> the first question that uses it)."""
     paths, users = {}, {}
     for split in splits:
         for i, image_id in enumerate(split.image_ids):
             if image_id not in paths:
                 paths[image_id] = index[image_id]
                 users[image_id] = f"question {i + 1} of the {split.name} split"
+    return paths, users
+
+
+def feature_store(cfg: DictConfig, backbone, splits: list[Split], index: dict[int, Path], device: torch.device):
+    """The feature cache holding every image of ``splits``, built now if no run has built it yet."""
+    paths, users = images_of(splits, index)
     f = cfg.features
     return ensure_store(
         vision=backbone.vision,

@@ -12,7 +12,7 @@ import pytest
 from clipqa.train import train
 from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
 
-TIMING = ("train/seconds",)
+TIMING = ("train/seconds", "train/examples_per_s")
 RUN = [*SMALL_DEMO, "trainer.epochs=2", "trainer.eval_every=10", "trainer.checkpoint_every=7", "trainer.num_workers=0"]
 
 

@@ -1,0 +1,330 @@
+"""Training throughput: the paper's per-step pipeline against clipqa with its frozen-feature cache, in one process.
+
+    python benchmarks/throughput.py                 # ~4 minutes on 2 CPU cores
+    python benchmarks/throughput.py --steps 50      # steadier figures
+    python benchmarks/throughput.py --device cuda   # on a GPU machine (adds model FLOPs utilisation)
+
+Offline: it writes real-size models with random weights (CLIP ViT-B/32 and distilbert-base-uncased
+architectures; a 30,522-entry WordPiece vocabulary) with ``save_pretrained`` and a synthetic dataset in the COCO-QA
+layout with 640x480 JPEGs, then measures training examples/s of
+
+(a) the original pipeline (benchmarks/original.py: decode + CLIP pre-processing + CLIP forward every step, questions
+    padded to 63, head over all 113 positions), the paper's V2: 2 mapper layers, frozen text, batch 8, Adam 1e-4;
+(b) clipqa, same sizes, batch and configuration, through ``clipqa.train.train`` with the feature cache;
+(c) clipqa with the CLS token only (``image_tokens=cls``);
+
+and the wall time of a 4-variant sweep (``optimizer.lr`` x4, each as long as the measured original run, the cache
+built once by ``clipqa-cache`` and counted) against 4 x the original's time for the same steps.
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import original  # noqa: E402  (benchmarks/original.py)
+
+BATCH = 8
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense, per GPU
+
+# COCO-QA-like questions: 8-14 words, four types, one-word answers.
+OBJECTS = ["cat", "dog", "man", "woman", "horse", "train", "bus", "plate", "pizza", "bench", "bird", "kite", "truck"]
+PLACES = ["street", "table", "field", "kitchen", "beach", "room", "road", "grass", "water", "snow", "park", "track"]
+COLORS = ["red", "white", "black", "blue", "green", "yellow", "brown", "orange", "gray", "pink"]
+NUMBERS = ["two", "three", "four", "five", "six"]
+VERBS = ["sitting", "standing", "parked", "lying", "walking", "riding", "resting", "waiting"]
+FILLER = ["large", "small", "old", "white", "young", "wooden", "big", "little"]
+
+
+def question(rng: random.Random) -> tuple[str, str, int]:
+    t = rng.randrange(4)
+    obj, place, verb, adj = rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(VERBS), rng.choice(FILLER)
+    if t == 0:
+        return f"what is {verb} on the {adj} {place} next to the {rng.choice(OBJECTS)}", obj, 0
+    if t == 1:
+        return f"how many {obj}s are {verb} on the {adj} {place} near the {rng.choice(OBJECTS)}", rng.choice(NUMBERS), 1
+    if t == 2:
+        return f"what is the color of the {adj} {obj} {verb} on the {place}", rng.choice(COLORS), 2
+    return f"where is the {adj} {obj} {verb} with the {rng.choice(OBJECTS)}", place, 3
+
+
+def photo(rng: np.random.Generator) -> "Image.Image":  # noqa: F821
+    """A 640x480 picture with smooth colour regions, shapes and sensor noise (JPEG size close to COCO's)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
+    d = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = int(rng.integers(0, 600)), int(rng.integers(0, 440))
+        w, h = int(rng.integers(20, 200)), int(rng.integers(20, 200))
+        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + w, y + h], fill=fill)
+    arr = np.asarray(im).astype(np.int16) + rng.normal(0, 10, (480, 640, 3)).astype(np.int16)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def write_dataset(root: Path, n_train_images: int, n_test_images: int, per_image: int, seed: int) -> list[str]:
+    """COCO-QA layout (train/, test/ text files; images/train2014, images/val2014). Returns every text line."""
+    rng, nrng, text = random.Random(seed), np.random.default_rng(seed), []
+    for split, n_images, folder, first_id in [
+        ("train", n_train_images, "train2014", 1),
+        ("test", n_test_images, "val2014", 500_000),
+    ]:
+        (root / "cocoqa" / split).mkdir(parents=True)
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        ids, qs, ans, types = [], [], [], []
+        for image_id in range(first_id, first_id + n_images):
+            photo(nrng).save(root / "images" / folder / f"COCO_{folder}_{image_id:012d}.jpg", quality=90)
+            for _ in range(per_image):
+                q, a, t = question(rng)
+                ids.append(image_id), qs.append(q), ans.append(a), types.append(t)
+        for name, rows in [("img_ids", ids), ("questions", qs), ("answers", ans), ("types", types)]:
+            (root / "cocoqa" / split / f"{name}.txt").write_text("\n".join(map(str, rows)) + "\n")
+        text += qs + ans
+    return text
+
+
+def write_models(folder: Path, text: list[str]) -> tuple[Path, Path]:
+    """Real-size random-init CLIP ViT-B/32 vision tower + DistilBERT-base, saved like hub checkpoints."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DistilBertConfig,
+        DistilBertModel,
+        DistilBertTokenizer,
+    )
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig()).save_pretrained(folder / "vision")  # defaults = ViT-B/32 (224 px, 50 tokens)
+    CLIPImageProcessor().save_pretrained(folder / "vision")  # defaults = openai/clip-vit-base-patch32's
+    # A bert-base-uncased-shaped vocabulary of exactly 30,522 entries: specials at their usual ids, the data's
+    # words, single characters and ##-pieces, then unused slots.
+    words = sorted({w for line in text for w in line.split()})
+    chars = sorted({c for line in text for c in line if c != " "})
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [w for w in chars + words + [f"##{c}" for c in chars] if w not in vocab]
+    vocab += [f"[unused{i}]" for i in range(99, 99 + 30522 - len(vocab))]
+    tokenizer = DistilBertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    DistilBertModel(DistilBertConfig(vocab_size=len(vocab))).save_pretrained(folder / "text")  # distilbert-base
+    tokenizer.save_pretrained(folder / "text")
+    return folder / "vision", folder / "text"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def run_original(work: Path, vision_dir: Path, text_dir: Path, device: torch.device, steps: int, warmup: int) -> dict:
+    """(a): the script's pipeline; examples/s over ``steps`` steps after ``warmup`` steps."""
+    from transformers import AutoImageProcessor, CLIPProcessor, CLIPVisionModel, DistilBertModel, DistilBertTokenizer
+
+    txt_transform = DistilBertTokenizer.from_pretrained(text_dir)
+    # CLIPProcessor as the script loads it (image processor of the CLIP checkpoint); its tokenizer part is never
+    # called on the image path, so the DistilBERT tokenizer stands in for CLIP's BPE one.
+    img_transform = CLIPProcessor(image_processor=AutoImageProcessor.from_pretrained(vision_dir), tokenizer=txt_transform)
+    img_model = CLIPVisionModel.from_pretrained(vision_dir)
+    txt_model = DistilBertModel.from_pretrained(text_dir)
+    root = work / "data"
+    lines = lambda name: (root / "cocoqa" / "train" / f"{name}.txt").read_text().splitlines()  # noqa: E731
+    ids = [int(i) for i in lines("img_ids")]
+    data = list(zip(ids, lines("questions"), lines("answers"), strict=True))
+    fpaths = {i: str(root / "images" / "train2014" / f"COCO_train2014_{i:012d}.jpg") for i in set(ids)}
+    torch.manual_seed(0)
+    model = original.OriginalModel(img_model, txt_model, 1024, 2, freeze_txt=True, device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fxn = torch.nn.CrossEntropyLoss()
+    model = model.train()
+    loader = original.make_loader(data, fpaths, img_transform, txt_transform, device, BATCH, seed=0)
+    it = iter(loader)
+    batch = next(it)
+    flops = count_flops(lambda: original.train_step(model, optimizer, loss_fxn, batch))
+    for _ in range(warmup):
+        original.train_step(model, optimizer, loss_fxn, next(it))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):  # data loading is part of the step, as in the script
+        original.train_step(model, optimizer, loss_fxn, next(it))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    del model, optimizer, img_model, txt_model, loader, it, batch
+    gc.collect()
+    return {"examples_per_s": steps * BATCH / seconds, "seconds": seconds, "flops_per_example": flops / BATCH}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clipqa_overrides(work: Path, vision_dir: Path, text_dir: Path, device: str, steps: int) -> list[str]:
+    """The paper's V2 (2 mapper layers, hidden 1024, frozen text, vocab head read at the last position, Adam 1e-4,
+    batch 8) on the benchmark's data and models; evaluation kept small (it is not what is measured)."""
+    return [
+        f"data.root={work / 'data' / 'cocoqa'}",
+        f"data.image_root={work / 'data' / 'images'}",
+        "data.val_fraction=0.05",
+        f"backbone.vision={vision_dir}",
+        f"backbone.text={text_dir}",
+        f"paths.cache_dir={work / 'cache'}",
+        "+paper=V2",
+        "head.readout=last",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_every=1000000",
+        "trainer.checkpoint_every=1000000",
+        "trainer.save_checkpoint=false",
+        f"trainer.device={device}",
+        "tracking=none",
+    ]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def run_clipqa(work: Path, name: str, overrides: list[str]) -> tuple[dict, float]:
+    """One full clipqa run (set-up, training, validation, test) through clipqa.train.train; (metrics, wall s)."""
+    from clipqa.train import train
+
+    t0 = time.perf_counter()
+    metrics = train(compose(overrides), work / "runs" / name)
+    return metrics, time.perf_counter() - t0
+
+
+def clipqa_flops_per_example(overrides: list[str]) -> float:
+    """FLOPs of one clipqa V2 training step (forward + backward, from cached features) / batch size."""
+    from clipqa.config import validate
+    from clipqa.model import apply_freeze, build_model
+    from clipqa.pretrained import load_backbone
+
+    cfg = validate(compose(overrides))
+    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+    model = build_model(cfg, backbone, len(backbone.tokenizer))
+    apply_freeze(model, vision=True, text=True, mapper=False)
+    enc = backbone.tokenizer([question(random.Random(i))[0] for i in range(BATCH)], padding=True, return_tensors="pt")
+    feats = torch.randn(BATCH, 50, 768).half()
+
+    def step():
+        logits = model(enc["input_ids"], enc["attention_mask"], image_features=feats)
+        torch.nn.functional.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)).backward()
+
+    return count_flops(step) / BATCH
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=16, help="measured training steps per pipeline (default 16)")
+    p.add_argument("--warmup", type=int, default=2, help="original pipeline: untimed steps first (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if device.type == "auto":
+        device = torch.device("cpu")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clipqa-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    steps = args.steps
+    # Enough training questions for warm-up + measured steps of the original, and for clipqa's max_steps.
+    n_train_images = (steps + args.warmup) * BATCH // 4 + 8
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        say(f"[setup] {work}: synthetic COCO-QA ({n_train_images}+16 640x480 JPEGs) and real-size random models")
+        text = write_dataset(work / "data", n_train_images, 16, per_image=4, seed=0)
+        vision_dir, text_dir = write_models(work / "models", text)
+        overrides = clipqa_overrides(work, vision_dir, text_dir, device.type, steps)
+
+        say(f"[a] original pipeline: {args.warmup} warm-up + {steps} steps of batch {BATCH}")
+        a = run_original(work, vision_dir, text_dir, device, steps, args.warmup)
+        say(f"    {a['examples_per_s']:.2f} examples/s")
+
+        say("[cache] clipqa-cache (all 50 tokens)")
+        from clipqa.features import main as cache_main
+
+        t0 = time.perf_counter()
+        cache_main(overrides)
+        cache_seconds = time.perf_counter() - t0
+
+        lrs = ["1e-4", "3e-5", "3e-4", "1e-3"]  # lr 1e-4 is the paper's V2: its run is (b)
+        sweep, walls = {}, []
+        for lr in lrs:
+            say(f"[b/sweep] clipqa V2, optimizer.lr={lr}, {steps} steps")
+            m, wall = run_clipqa(work, f"lr{lr}", overrides + [f"optimizer.lr={lr}"])
+            sweep[lr], walls = m, walls + [wall]
+            say(f"    {m['train/examples_per_s']:.2f} examples/s, run wall {wall:.1f} s")
+        b = sweep["1e-4"]
+
+        say(f"[c] clipqa V2 with image_tokens=cls, {steps} steps (builds its own, 50x smaller cache)")
+        c, c_wall = run_clipqa(work, "cls", overrides + ["image_tokens=cls"])
+        say(f"    {c['train/examples_per_s']:.2f} examples/s")
+
+        flops_b = clipqa_flops_per_example(overrides)
+        original_seconds_per_run = steps * BATCH / a["examples_per_s"]
+        sweep_wall = cache_seconds + sum(walls)
+        result = {
+            "original_examples_per_s": round(a["examples_per_s"], 3),
+            "clipqa_examples_per_s": round(b["train/examples_per_s"], 3),
+            "clipqa_cls_examples_per_s": round(c["train/examples_per_s"], 3),
+            "speedup_cached": round(b["train/examples_per_s"] / a["examples_per_s"], 2),
+            "speedup_cls": round(c["train/examples_per_s"] / a["examples_per_s"], 2),
+            "sweep4_seconds": round(sweep_wall, 1),
+            "original4_seconds": round(4 * original_seconds_per_run, 1),
+            "sweep4_speedup": round(4 * original_seconds_per_run / sweep_wall, 2),
+            "cache_build_seconds": round(cache_seconds, 1),
+            "steps": steps,
+            "batch_size": BATCH,
+            "original_flops_per_example": a["flops_per_example"],
+            "clipqa_flops_per_example": flops_b,
+            "peak_rss_gib": round(peak_rss_gib(), 3),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "threads": torch.get_num_threads(),
+            "original_to_tensor": original.TO_TENSOR,
+            "torch": torch.__version__,
+        }
+        if device.type == "cuda":
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
+            for key, rate, flops in [
+                ("original_mfu", a["examples_per_s"], a["flops_per_example"]),
+                ("clipqa_mfu", b["train/examples_per_s"], flops_b),
+            ]:
+                result[key] = round(rate * flops / peak, 4) if peak else None
+        print(json.dumps(result))
+        return result
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
