@@ -1,6 +1,6 @@
 """Training throughput: the paper's per-step pipeline against clipqa with its frozen-feature cache, in one process.
 
-    python benchmarks/throughput.py                 # ~4 minutes on 2 CPU cores
+    python benchmarks/throughput.py                 # about 4.5 minutes on 2 CPU cores
     python benchmarks/throughput.py --steps 50      # steadier figures
     python benchmarks/throughput.py --device cuda   # on a GPU machine (adds model FLOPs utilisation)
 
@@ -13,8 +13,9 @@ layout with 640x480 JPEGs, then measures training examples/s of
 (b) clipqa, same sizes, batch and configuration, through ``clipqa.train.train`` with the feature cache;
 (c) clipqa with the CLS token only (``image_tokens=cls``);
 
-and the wall time of a 4-variant sweep (``optimizer.lr`` x4, each as long as the measured original run, the cache
-built once by ``clipqa-cache`` and counted) against 4 x the original's time for the same steps.
+and the wall time of a 4-variant sweep (``optimizer.lr`` x4, each run as many steps as the original run; the cache
+built once by ``clipqa-cache`` and counted) against 4 x the original script's whole run (load, validate at step
+0, train, validate, plot, 80-question test, save; see benchmarks/original.py), the same work per variant.
 The last line printed is one JSON object with every figure.
 """
 
@@ -31,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +68,7 @@ def question(rng: random.Random) -> tuple[str, str, int]:
     return f"where is the {adj} {obj} {verb} with the {rng.choice(OBJECTS)}", place, 3
 
 
-def photo(rng: np.random.Generator) -> "Image.Image":  # noqa: F821
+def photo(rng: np.random.Generator):
     """A 640x480 picture with smooth colour regions, shapes and sensor noise (JPEG size close to COCO's)."""
     from PIL import Image, ImageDraw
 
@@ -142,40 +144,21 @@ def count_flops(fn) -> float:
 
 
 def run_original(work: Path, vision_dir: Path, text_dir: Path, device: torch.device, steps: int, warmup: int) -> dict:
-    """(a): the script's pipeline; examples/s over ``steps`` steps after ``warmup`` steps."""
-    from transformers import AutoImageProcessor, CLIPProcessor, CLIPVisionModel, DistilBertModel, DistilBertTokenizer
-
-    txt_transform = DistilBertTokenizer.from_pretrained(text_dir)
-    # CLIPProcessor as the script loads it (image processor of the CLIP checkpoint); its tokenizer part is never
-    # called on the image path, so the DistilBERT tokenizer stands in for CLIP's BPE one.
-    img_transform = CLIPProcessor(image_processor=AutoImageProcessor.from_pretrained(vision_dir), tokenizer=txt_transform)
-    img_model = CLIPVisionModel.from_pretrained(vision_dir)
-    txt_model = DistilBertModel.from_pretrained(text_dir)
-    root = work / "data"
-    lines = lambda name: (root / "cocoqa" / "train" / f"{name}.txt").read_text().splitlines()  # noqa: E731
-    ids = [int(i) for i in lines("img_ids")]
-    data = list(zip(ids, lines("questions"), lines("answers"), strict=True))
-    fpaths = {i: str(root / "images" / "train2014" / f"COCO_train2014_{i:012d}.jpg") for i in set(ids)}
-    torch.manual_seed(0)
-    model = original.OriginalModel(img_model, txt_model, 1024, 2, freeze_txt=True, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fxn = torch.nn.CrossEntropyLoss()
-    model = model.train()
-    loader = original.make_loader(data, fpaths, img_transform, txt_transform, device, BATCH, seed=0)
-    it = iter(loader)
-    batch = next(it)
-    flops = count_flops(lambda: original.train_step(model, optimizer, loss_fxn, batch))
-    for _ in range(warmup):
-        original.train_step(model, optimizer, loss_fxn, next(it))
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):  # data loading is part of the step, as in the script
-        original.train_step(model, optimizer, loss_fxn, next(it))
-    sync(device)
-    seconds = time.perf_counter() - t0
-    del model, optimizer, img_model, txt_model, loader, it, batch
+    """(a): one whole run of the script (benchmarks/original.py) with warmup + steps training steps."""
+    out = work / "original"
+    out.mkdir(exist_ok=True)
+    r = original.run_script(work / "data", vision_dir, text_dir, device, steps + warmup, warmup, out)
+    flops = count_flops(
+        partial(original.train_step, r["model"].train(), r["optimizer"], r["loss_fxn"], r["first_batch"])
+    )
+    result = {
+        "examples_per_s": r["steps_timed"] * BATCH / r["step_seconds"],
+        "wall_seconds": r["wall_seconds"],
+        "flops_per_example": flops / BATCH,
+    }
+    del r  # free the original's models before clipqa's runs (peak memory is measured)
     gc.collect()
-    return {"examples_per_s": steps * BATCH / seconds, "seconds": seconds, "flops_per_example": flops / BATCH}
+    return result
 
 
 def sync(device: torch.device) -> None:
@@ -221,8 +204,9 @@ def run_clipqa(work: Path, name: str, overrides: list[str]) -> tuple[dict, float
     return metrics, time.perf_counter() - t0
 
 
-def clipqa_flops_per_example(overrides: list[str]) -> float:
-    """FLOPs of one clipqa V2 training step (forward + backward, from cached features) / batch size."""
+def clipqa_flops_per_example(overrides: list[str]) -> tuple[float, float]:
+    """FLOPs of one clipqa V2 training step (forward + backward, from cached features) / batch size, with all 50
+    image tokens and with the CLS token only."""
     from clipqa.config import validate
     from clipqa.model import apply_freeze, build_model
     from clipqa.pretrained import load_backbone
@@ -232,27 +216,26 @@ def clipqa_flops_per_example(overrides: list[str]) -> float:
     model = build_model(cfg, backbone, len(backbone.tokenizer))
     apply_freeze(model, vision=True, text=True, mapper=False)
     enc = backbone.tokenizer([question(random.Random(i))[0] for i in range(BATCH)], padding=True, return_tensors="pt")
-    feats = torch.randn(BATCH, 50, 768).half()
 
-    def step():
+    def step(n_tokens: int):
+        feats = torch.randn(BATCH, n_tokens, 768).half()
         logits = model(enc["input_ids"], enc["attention_mask"], image_features=feats)
         torch.nn.functional.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)).backward()
 
-    return count_flops(step) / BATCH
+    return count_flops(partial(step, 50)) / BATCH, count_flops(partial(step, 1)) / BATCH
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=16, help="measured training steps per pipeline (default 16)")
+    p.add_argument("--steps", type=int, default=12, help="measured training steps per pipeline (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="original pipeline: untimed steps first (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clipqa-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps
@@ -263,11 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"[setup] {work}: synthetic COCO-QA ({n_train_images}+16 640x480 JPEGs) and real-size random models")
         text = write_dataset(work / "data", n_train_images, 16, per_image=4, seed=0)
         vision_dir, text_dir = write_models(work / "models", text)
-        overrides = clipqa_overrides(work, vision_dir, text_dir, device.type, steps)
+        overrides = clipqa_overrides(work, vision_dir, text_dir, device.type, steps + args.warmup)
 
-        say(f"[a] original pipeline: {args.warmup} warm-up + {steps} steps of batch {BATCH}")
+        say(f"[a] original script: one run of {args.warmup} warm-up + {steps} timed steps of batch {BATCH}")
         a = run_original(work, vision_dir, text_dir, device, steps, args.warmup)
-        say(f"    {a['examples_per_s']:.2f} examples/s")
+        say(f"    {a['examples_per_s']:.2f} examples/s; whole run {a['wall_seconds']:.1f} s")
 
         say("[cache] clipqa-cache (all 50 tokens)")
         from clipqa.features import main as cache_main
@@ -279,18 +262,17 @@ def main(argv: list[str] | None = None) -> dict:
         lrs = ["1e-4", "3e-5", "3e-4", "1e-3"]  # lr 1e-4 is the paper's V2: its run is (b)
         sweep, walls = {}, []
         for lr in lrs:
-            say(f"[b/sweep] clipqa V2, optimizer.lr={lr}, {steps} steps")
+            say(f"[b/sweep] clipqa V2, optimizer.lr={lr}, {steps + args.warmup} steps (as many as the original run)")
             m, wall = run_clipqa(work, f"lr{lr}", overrides + [f"optimizer.lr={lr}"])
             sweep[lr], walls = m, walls + [wall]
             say(f"    {m['train/examples_per_s']:.2f} examples/s, run wall {wall:.1f} s")
         b = sweep["1e-4"]
 
-        say(f"[c] clipqa V2 with image_tokens=cls, {steps} steps (builds its own, 50x smaller cache)")
+        say(f"[c] clipqa V2 with image_tokens=cls, {steps + args.warmup} steps (builds its own, 50x smaller cache)")
         c, c_wall = run_clipqa(work, "cls", overrides + ["image_tokens=cls"])
         say(f"    {c['train/examples_per_s']:.2f} examples/s")
 
-        flops_b = clipqa_flops_per_example(overrides)
-        original_seconds_per_run = steps * BATCH / a["examples_per_s"]
+        flops_b, flops_c = clipqa_flops_per_example(overrides)
         sweep_wall = cache_seconds + sum(walls)
         result = {
             "original_examples_per_s": round(a["examples_per_s"], 3),
@@ -299,13 +281,16 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_cached": round(b["train/examples_per_s"] / a["examples_per_s"], 2),
             "speedup_cls": round(c["train/examples_per_s"] / a["examples_per_s"], 2),
             "sweep4_seconds": round(sweep_wall, 1),
-            "original4_seconds": round(4 * original_seconds_per_run, 1),
-            "sweep4_speedup": round(4 * original_seconds_per_run / sweep_wall, 2),
+            "original4_seconds": round(4 * a["wall_seconds"], 1),
+            "sweep4_speedup": round(4 * a["wall_seconds"] / sweep_wall, 2),
+            "sweep4_run_seconds": [round(w, 1) for w in walls],
+            "original_run_seconds": round(a["wall_seconds"], 1),
             "cache_build_seconds": round(cache_seconds, 1),
             "steps": steps,
             "batch_size": BATCH,
             "original_flops_per_example": a["flops_per_example"],
             "clipqa_flops_per_example": flops_b,
+            "clipqa_cls_flops_per_example": flops_c,
             "peak_rss_gib": round(peak_rss_gib(), 3),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "threads": torch.get_num_threads(),

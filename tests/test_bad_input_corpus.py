@@ -118,13 +118,16 @@ CASES = {
     "zero-byte-image": (zero_byte_image, "error"),
     "zero-byte-image-skip": (zero_byte_image, "skip"),
     "huge-image": (huge_image, "error"),
+    # Runs with a frozen vision tower read images through the feature cache; these two go the per-batch way.
+    "truncated-jpeg-uncached": (truncated_jpeg, "error", "features.cache=false"),
+    "truncated-jpeg-skip-uncached": (truncated_jpeg, "skip", "features.cache=false"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_input_corpus(case, tmp_path, cache_dir, caplog, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # so a 3000x3000 picture counts as a bomb
-    mutate, policy = CASES[case]
+    mutate, policy, *extra = CASES[case]
     root, images = make_cocoqa(tmp_path, n_train_images=16, n_test_images=6)
     n_test = len(read_split(root, "test"))
     named, where = mutate(root, images)
@@ -140,6 +143,7 @@ def test_bad_input_corpus(case, tmp_path, cache_dir, caplog, monkeypatch):
             "trainer.batch_size=8",
             "tracking=none",
             "trainer.save_checkpoint=false",
+            *extra,
         ],
         cache_dir,
     )
