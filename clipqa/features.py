@@ -188,8 +188,8 @@ class _Images(Dataset):
 
         image_id = self.ids[row]
         path, user = self.paths[image_id], self.users[image_id]
-        pixels, error = load_pixels(path, self.processor, self.on_bad_image, user, log_skip=False)  # logged by the
-        # main process: a worker's log records would not reach the run's log file
+        # Skips are logged by the main process: a worker's log records would not reach the run's log file.
+        pixels, error = load_pixels(path, self.processor, self.on_bad_image, user, log_skip=False)
         return row, pixels, error
 
 
@@ -246,12 +246,18 @@ def ensure_store(
         for stale in root.glob(f"{key}.tmp-*"):  # we hold the lock: any tmp folder is a dead build's
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"{key}.tmp-{os.getpid()}"
-        _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch_size, num_workers, on_bad_image)
-        meta = json.loads((tmp / "index.json").read_text())
-        meta["description"] = description
-        (tmp / "index.json").write_text(json.dumps(meta))
-        _fsync_dir(tmp)
-        os.rename(tmp, final)  # atomic: the store appears complete or not at all
+        try:
+            _build(
+                tmp, vision, processor, paths, users, select, k, dtype, device, batch_size, num_workers, on_bad_image
+            )
+            meta = json.loads((tmp / "index.json").read_text())
+            meta["description"] = description
+            (tmp / "index.json").write_text(json.dumps(meta))
+            _fsync_dir(tmp)
+            os.rename(tmp, final)  # atomic: the store appears complete or not at all
+        except BaseException:  # a bad image, Ctrl-C: nothing half-written stays (SIGKILL leaves it to the next build)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         store = FeatureStore(final)
         log.info(
             "feature cache built: %s, %d images, %.1f MiB, %.0f s",

@@ -130,7 +130,8 @@ def test_an_interrupted_build_never_looks_complete_and_the_next_build_finishes(t
         _ensure(b, paths, folder)
     key = _key(b, paths)
     assert not (folder / key).exists()  # no store that could be mistaken for a finished one
-    assert list(folder.glob(f"{key}.tmp-*"))  # only the unfinished one
+    assert not list(folder.glob(f"{key}.tmp-*"))  # and the half-written rows were removed
+    (folder / f"{key}.tmp-99999999").mkdir()  # what a SIGKILLed build leaves behind
     monkeypatch.setattr(b.vision, "forward", real_forward)
     store = _ensure(b, paths, folder)
     assert store.folder == folder / key and not list(folder.glob(f"{key}.tmp-*"))  # the leftover is cleaned
