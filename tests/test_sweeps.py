@@ -66,7 +66,8 @@ def test_paper_versions_are_staged_runs_with_the_papers_settings(version, phases
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, n_jobs", [("paper", 4), ("mapper_depth", 8), ("freeze", 4), ("optimizer", 9), ("seeds", 3)]
+    "name, n_jobs",
+    [("paper", 4), ("mapper_depth", 8), ("freeze", 4), ("optimizer", 9), ("seeds", 3), ("image_tokens", 3)],
 )
 def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs, tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
@@ -95,6 +96,11 @@ def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs,
         runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
         v4 = next(x for x in runs if x.info.run_name == "V4")
         assert {"phase/V2/test/acc", "phase/V3/test/acc", "phase/V4/test/acc"} <= set(v4.data.metrics)
+    if name == "image_tokens":  # one feature cache per token choice, each with its own token count
+        from clipqa.features import FeatureStore
+
+        stores = [d for d in (Path(os.environ["CLIPQA_CACHE_DIR"]) / "features").iterdir() if d.is_dir()]
+        assert {1, 4} <= {FeatureStore(d).shape[0] for d in stores}
 
 
 def optuna_cmd(tmp_path, n_trials: int, sweep: str, *extra: str) -> list[str]:
