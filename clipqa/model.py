@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -97,6 +98,7 @@ class ClipQA(nn.Module):
         self.readout = readout
         self.image_tokens = image_tokens
         self.feature_dtype = feature_dtype
+        self.prune_last_layer = True  # see _encode_text; False runs DistilBERT's last layer at every position
         self.frozen: set[str] = set()  # set by apply_freeze
 
     def train(self, mode: bool = True) -> ClipQA:
@@ -143,9 +145,38 @@ class ClipQA(nn.Module):
                     self.image_position_offset + torch.arange(N, device=x.device),
                 ]
             ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
-            h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B,T+N,D)
-        pooled = h[:, 0] if self.readout == "cls" else h[:, -1]  # (B, D): [CLS] or the last image token (paper)
+            at = 0 if self.readout == "cls" else x.shape[1] - 1  # [CLS] or the last image token (the paper)
+            pooled = self._encode_text(x, mask, positions, at)  # (B, D)
         return self.head(pooled)  # (B, n_classes): the head sees only the readout position
+
+    def _encode_text(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, at: int) -> torch.Tensor:
+        """DistilBERT over ``x (B, L, D)``; returns the last layer's output at position ``at``: ``(B, D)``.
+
+        Only that position's output is used, so the last layer runs its query, output projection and feed-forward
+        for that one position (keys and values still cover all L): the same result up to float order, about 13%
+        fewer FLOPs with 50 image tokens. The first layers run as DistilBERT's own code (masks, positions).
+        """
+        layers = self.text.transformer.layer
+        last = layers[-1]
+        if not (self.prune_last_layer and hasattr(last, "attention") and hasattr(last.attention, "q_lin")):
+            return self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state[:, at]
+        self.text.transformer.layer = layers[:-1]  # DistilBERT without its last block
+        try:
+            h = self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state  # (B,L,D)
+        finally:
+            self.text.transformer.layer = layers
+        att, (B, L, D) = last.attention, h.shape
+        heads = att.n_heads
+        q_in = h[:, at : at + 1]  # (B, 1, D): the one query that matters
+        q = att.q_lin(q_in).view(B, 1, heads, D // heads).transpose(1, 2)  # (B, H, 1, D/H)
+        k = att.k_lin(h).view(B, L, heads, D // heads).transpose(1, 2)  # (B, H, L, D/H)
+        v = att.v_lin(h).view(B, L, heads, D // heads).transpose(1, 2)  # (B, H, L, D/H)
+        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, L): padding is not attended to
+        p_drop = att.dropout.p if self.text.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)  # (B, H, 1, D/H)
+        o = att.out_lin(o.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        a = last.sa_layer_norm(o + q_in)  # (B, 1, D)
+        return last.output_layer_norm(last.ffn(a) + a)[:, 0]  # (B, D)
 
 
 def build_mapper(mcfg: DictConfig, in_dim: int, out_dim: int) -> nn.Module:

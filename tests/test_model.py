@@ -140,3 +140,20 @@ def test_best_weights_are_a_copy_not_a_reference(backbone):
     with torch.no_grad():
         model.head.weight.add_(1.0)
     assert torch.equal(snap["head.weight"], before)
+
+
+@pytest.mark.parametrize("readout", ["cls", "last"])
+def test_the_readout_only_last_layer_gives_the_full_models_answer_and_gradients(backbone, readout):
+    model = make_model(backbone, readout).eval()
+    enc = backbone.tokenizer(["what is red", "how many circles are there in the field"], padding=True, return_tensors="pt")
+    pixels = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for prune in (True, False):
+        model.prune_last_layer = prune
+        model.zero_grad()
+        logits = model(enc["input_ids"], enc["attention_mask"], pixel_values=pixels)
+        logits.logsumexp(-1).sum().backward()
+        outs.append(logits.detach())
+        grads.append(model.mapper.net[0].weight.grad.clone())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
