@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from clipqa.errors import ClipqaError
+from clipqa.pretrained import n_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
     tmp.mkdir(parents=True)
     was_training, vision_device = vision.training, next(vision.parameters()).device
     vision.eval().to(device)
-    n_tok = n_selected(_n_tokens(vision), select, k)
+    n_tok = n_selected(n_image_tokens(vision), select, k)
     shape = (len(ids), n_tok, vision.config.hidden_size)
     np_dtype = DTYPES[dtype]
     header = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np_dtype, shape=shape)
@@ -316,11 +317,6 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
         bar.close()
         vision.to(vision_device).train(was_training)
     (tmp / "index.json").write_text(json.dumps({"image_ids": ids, "bad": bad}))
-
-
-def _n_tokens(vision) -> int:
-    c = vision.config
-    return (c.image_size // c.patch_size) ** 2 + 1
 
 
 def _fsync_dir(folder: Path) -> None:

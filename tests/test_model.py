@@ -145,7 +145,9 @@ def test_best_weights_are_a_copy_not_a_reference(backbone):
 @pytest.mark.parametrize("readout", ["cls", "last"])
 def test_the_readout_only_last_layer_gives_the_full_models_answer_and_gradients(backbone, readout):
     model = make_model(backbone, readout).eval()
-    enc = backbone.tokenizer(["what is red", "how many circles are there in the field"], padding=True, return_tensors="pt")
+    enc = backbone.tokenizer(
+        ["what is red", "how many circles are there in the field"], padding=True, return_tensors="pt"
+    )
     pixels = torch.randn(2, 3, 32, 32)
     outs, grads = [], []
     for prune in (True, False):
