@@ -161,11 +161,6 @@ def run_original(work: Path, vision_dir: Path, text_dir: Path, device: torch.dev
     return result
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def clipqa_overrides(work: Path, vision_dir: Path, text_dir: Path, device: str, steps: int) -> list[str]:
     """The paper's V2 (2 mapper layers, hidden 1024, frozen text, vocab head read at the last position, Adam 1e-4,
     batch 8) on the benchmark's data and models; evaluation kept small (it is not what is measured)."""

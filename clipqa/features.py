@@ -147,7 +147,6 @@ class FeatureStore:
         meta = json.loads((self.folder / "index.json").read_text())
         self.rows = {int(i): r for r, i in enumerate(meta["image_ids"])}
         self.bad = {int(i): why for i, why in meta["bad"].items()}
-        self.description = meta["description"]
         arr = np.load(self.folder / "features.npy", mmap_mode="r")  # header only; nothing is read yet
         self.shape, self.dtype, self.offset = arr.shape[1:], arr.dtype, arr.offset
         del arr
