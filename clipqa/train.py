@@ -14,11 +14,13 @@ reads top to bottom:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -62,6 +64,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def keep_freed_memory() -> bool:
+    """CPU training: make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    Why: glibc serves every allocation above ~32 MiB with a fresh ``mmap`` and unmaps it on ``free``, so a large
+    tensor made anew every step (under ``head.kind=vocab`` the head's weight gradient is 30,522 x 768 fp32 = 94 MB)
+    is page-faulted and zeroed by the kernel again every step: about 45 ms of a ~400 ms CLS-only step on two cores
+    (benchmarks/throughput.py). PyTorch's CPU performance guide swaps in jemalloc or tcmalloc for this; two
+    ``mallopt`` calls do the same job in-process, with no extra dependency or ``LD_PRELOAD``. Cost: the process keeps
+    its peak heap (RSS does not shrink after a peak), as torch's caching allocator does on a GPU. Process-wide and
+    idempotent. Returns False (and changes nothing) where the C library has no ``mallopt`` (macOS, Windows, musl).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    one_gib = 1 << 30  # tensors up to 1 GiB come from the reusable heap; freed heap up to 1 GiB is kept
+    return bool(mallopt(m_mmap_threshold, one_gib)) and bool(mallopt(m_trim_threshold, one_gib))
 
 
 def pick_device(name: str) -> torch.device:
@@ -294,11 +319,18 @@ def load_init(model: ClipQA, path: str) -> set[str]:
     return {k.split(".", 1)[0] for k in ckpt["state_dict"]}
 
 
-def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, on_validation=None) -> dict[str, float]:
+def train(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    info: RunInfo | None = None,
+    on_validation=None,
+    tracker: Tracker | None = None,
+) -> dict[str, float]:
     """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics.
 
     ``info`` places the run in its Hydra sweep (for tracking: run name, parent run); ``train.py`` passes it.
     ``on_validation(val_acc, step)`` is called after every validation (Optuna pruning raises TrialPruned there).
+    ``tracker`` replaces the one ``tracking.*`` would make (benchmarks/throughput.py records step timings with it).
     The tracked run ends FINISHED, FAILED (with the error message as tag ``error``) or KILLED (Ctrl-C, or a
     pruned trial, tagged ``clipqa.pruned``).
     """
@@ -320,7 +352,8 @@ def train(cfg: DictConfig, output_dir: str | Path, info: RunInfo | None = None, 
     previous_id = state["mlflow_run_id"] if state else None
     if previous_id is None and cfg.trainer.resume == "auto" and id_file.is_file():
         previous_id = id_file.read_text().strip() or None
-    tracker = make_tracker(cfg, info, run_id=previous_id)
+    if tracker is None:
+        tracker = make_tracker(cfg, info, run_id=previous_id)
     if tracker.run_id:
         id_file.write_text(tracker.run_id)
     previous = _install_sigterm_handler()
@@ -405,6 +438,8 @@ def _run(
     log.info(
         "device %s <trainer.device=%s>, precision %s <trainer.precision=%s>", device, t.device, precision, t.precision
     )
+    if device.type == "cpu" and keep_freed_memory():
+        log.debug("glibc malloc keeps freed memory (no page faults for per-step tensors over 32 MiB)")
 
     # 2. data ------------------------------------------------------------------------------------------------------
     train_split, val_split, test_split, index = load_data(cfg)
