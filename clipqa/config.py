@@ -150,7 +150,7 @@ class TrainerConfig:
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
-    num_workers: int = MISSING
+    num_workers: int | None = MISSING  # None: auto (2 decoding images, 0 reading cached features)
     compile: bool = MISSING  # torch.compile the text model
     save_checkpoint: bool = MISSING
     phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
@@ -268,7 +268,7 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
             "must be > 0 (and keep_checkpoints > 0)",
             "use e.g. trainer.checkpoint_every=1000 trainer.keep_checkpoints=2",
         )
-    if t.num_workers < 0:
+    if t.num_workers is not None and t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("trainer.precision", t.precision, "unknown precision", "choose auto, fp32, bf16 or fp16")

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipqa.errors import ClipqaError
-from clipqa.model import ClipQA, MLPMapper, apply_freeze, trainable_state
+from clipqa.model import ClipQA, MLPMapper, apply_freeze, head_logits, trainable_state
 from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
 
 TINY = OmegaConf.create(
@@ -143,19 +143,49 @@ def test_best_weights_are_a_copy_not_a_reference(backbone):
 
 
 @pytest.mark.parametrize("readout", ["cls", "last"])
-def test_the_readout_only_last_layer_gives_the_full_models_answer_and_gradients(backbone, readout):
-    model = make_model(backbone, readout).eval()
+def test_the_lean_text_path_gives_distilberts_own_answer_and_gradients(backbone, readout):
+    """Padding removed + readout-only last layer == DistilBERT's own forward over the padded batch: same logits,
+    same gradients for the mapper, the text model (were it unfrozen) and the head, with questions of 3 lengths."""
+    model = make_model(backbone, readout)
+    apply_freeze(model, vision=True, text=False, mapper=False)  # text trains: its gradients are compared too
+    model.eval()  # no dropout: both paths must give the same numbers
     enc = backbone.tokenizer(
-        ["what is red", "how many circles are there in the field"], padding=True, return_tensors="pt"
+        ["what is red", "how many circles are there in the field", "where is it"], padding=True, return_tensors="pt"
     )
-    pixels = torch.randn(2, 3, 32, 32)
+    assert (enc["attention_mask"] == 0).any()  # the batch has padding to remove
+    pixels = torch.randn(3, 3, 32, 32)
+    watched = {
+        "mapper": model.mapper.net[0].weight,
+        "first text layer": model.text.transformer.layer[0].attention.q_lin.weight,
+        "last text layer": model.text.transformer.layer[-1].ffn.lin1.weight,
+        "head": model.head.weight,
+    }
     outs, grads = [], []
-    for prune in (True, False):
-        model.prune_last_layer = prune
+    for lean in (True, False):
+        model.lean_text = lean
         model.zero_grad()
         logits = model(enc["input_ids"], enc["attention_mask"], pixel_values=pixels)
         logits.logsumexp(-1).sum().backward()
         outs.append(logits.detach())
-        grads.append(model.mapper.net[0].weight.grad.clone())
+        grads.append({name: p.grad.clone() for name, p in watched.items()})
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    for name in watched:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_cpu_head_product_gives_nn_linears_logits_and_gradients():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 300)
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 16, requires_grad=True)
+        outs, grads = [], []
+        for f in (head_logits, lambda h, v: h(v)):
+            head.zero_grad()
+            x.grad = None
+            y = f(head, x)
+            (y * torch.linspace(-1, 1, 300)).sum().backward()
+            outs.append(y.detach())
+            grads.append((x.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
+        assert outs[0].shape == (rows, 300) and torch.allclose(outs[0], outs[1], atol=1e-6)
+        for a, b in zip(*grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
