@@ -149,6 +149,14 @@ class ClipQA(nn.Module):
             pooled = self._encode_text(x, mask, positions, at)  # (B, D)
         return head_logits(self.head, pooled)  # (B, n_classes): the head sees only the readout position
 
+    def compile_text(self) -> None:
+        """``trainer.compile``: torch.compile the text encoder (DistilBERT and the lean path around it) in place.
+
+        Dynamic shapes, because batches are padded per batch; parameters and ``state_dict`` keys are unchanged, so
+        checkpoints load either way. The first steps pay the compilation (minutes on a CPU).
+        """
+        self._encode_text = torch.compile(self._encode_text, dynamic=True)
+
     def _encode_text(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, at: int) -> torch.Tensor:
         """DistilBERT over ``x (B, L, D)`` with padding ``mask (B, L)``; returns the last layer's output at position
         ``at``: ``(B, D)``.

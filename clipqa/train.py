@@ -474,8 +474,8 @@ def _run(
         )
 
     model = build_model(cfg, backbone, len(labels)).to(device)
-    if t.compile:  # in place, so state_dict keys (checkpoints) stay the same; dynamic: batches are padded per batch
-        model.text.compile(dynamic=True)
+    if t.compile:
+        model.compile_text()
     trained_parts: set[str] = {"head"}  # every part that any phase trains (what best.pt must hold)
     if t.init_from:
         trained_parts |= load_init(model, t.init_from)
