@@ -1,6 +1,6 @@
 """Training throughput: the paper's per-step pipeline against clipqa with its frozen-feature cache, in one process.
 
-    python benchmarks/throughput.py                 # about 4.5 minutes on 2 CPU cores
+    python benchmarks/throughput.py                 # about 4 minutes on 2 CPU cores
     python benchmarks/throughput.py --steps 50      # steadier figures
     python benchmarks/throughput.py --device cuda   # on a GPU machine (adds model FLOPs utilisation)
 
