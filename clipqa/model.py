@@ -185,14 +185,14 @@ class ClipQA(nn.Module):
         last, heads = layers[-1], layers[-1].attention.n_heads
         att = last.attention
         q_in = self._unpack(h, rows, keep)[:, at : at + 1]  # (B, 1, D): the one query that matters
-        q = att.q_lin(q_in).view(B, 1, heads, D // heads).transpose(1, 2)  # (B, H, 1, D/H)
-        k = self._heads(att.k_lin(h), rows, keep, heads)  # (B, H, L, D/H)
-        v = self._heads(att.v_lin(h), rows, keep, heads)  # (B, H, L, D/H)
+        q = linear(att.q_lin, q_in).view(B, 1, heads, D // heads).transpose(1, 2)  # (B, H, 1, D/H)
+        k = self._heads(linear(att.k_lin, h), rows, keep, heads)  # (B, H, L, D/H)
+        v = self._heads(linear(att.v_lin, h), rows, keep, heads)  # (B, H, L, D/H)
         p_drop = att.dropout.p if att.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p_drop)  # (B,H,1,D/H)
-        o = att.out_lin(o.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        o = linear(att.out_lin, o.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
         a = last.sa_layer_norm(o + q_in)  # (B, 1, D)
-        return last.output_layer_norm(last.ffn(a) + a)[:, 0]  # (B, D)
+        return last.output_layer_norm(_ffn(last.ffn, a) + a)[:, 0]  # (B, D)
 
     @staticmethod
     def _unpack(h: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -211,16 +211,71 @@ class ClipQA(nn.Module):
         """One DistilBERT TransformerBlock on packed tokens ``h (N, D) -> (N, D)``: its own modules, its order
         (attention -> add & LayerNorm -> feed-forward -> add & LayerNorm), attention over each question's tokens."""
         att, (B, L), D = layer.attention, keep.shape, h.shape[1]
-        q, k, v = (cls._heads(lin(h), rows, keep, att.n_heads) for lin in (att.q_lin, att.k_lin, att.v_lin))
+        q, k, v = (cls._heads(linear(lin, h), rows, keep, att.n_heads) for lin in (att.q_lin, att.k_lin, att.v_lin))
         p_drop = att.dropout.p if att.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p_drop)  # (B,H,L,D/H)
         o = o.transpose(1, 2).reshape(B * L, D).index_select(0, rows)  # (N, D): back to real tokens only
-        a = layer.sa_layer_norm(att.out_lin(o) + h)  # (N, D)
-        return layer.output_layer_norm(layer.ffn(a.unsqueeze(0)).squeeze(0) + a)  # (N, D); ffn wants (1, N, D)
+        a = layer.sa_layer_norm(linear(att.out_lin, o) + h)  # (N, D)
+        return layer.output_layer_norm(_ffn(layer.ffn, a) + a)  # (N, D)
+
+
+# ---- CPU matrix products ------------------------------------------------------------------------------------------
+# A CLS-only batch gives DistilBERT ~100-row products and the vocab head 8-row ones. MKL threads such thin products
+# poorly (on 2 AVX2 cores one core waits much of the time) and re-packs a wide weight on every call. The forms below
+# compute the same numbers (up to float summation order) as torch.nn.functional.linear, but as batched products
+# with one slice per thread, which MKL runs side by side. Measured on 2 cores: DistilBERT's linear layers 10-20%
+# faster forward and backward at ~100 rows (no gain from 256 rows, so thicker products keep the ordinary path), the
+# head's forward 30 -> 14 ms and backward 40 -> 27 ms; a CLS-only training step ~15% faster in all
+# (benchmarks/throughput.py). CUDA, autocast and shapes that do not split evenly take the ordinary path.
+
+
+THIN_ROWS = 192  # split products of up to this many rows (measured: a gain at ~100-128 rows, a loss from 256)
+
+
+def _cpu_fp32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)``: ``x (..., K) -> (..., N)``; for a thin ``x`` (<= THIN_ROWS rows) on a multi-threaded CPU, one
+    batched product split over the N output features (P = torch threads slices), whose autograd backward is split
+    the same way."""
+    n, k = lin.weight.shape
+    p = torch.get_num_threads()
+    if not _cpu_fp32(x) or lin.bias is None or p < 2 or n % p or x.numel() > THIN_ROWS * k:
+        return lin(x)
+    x2 = x.reshape(-1, k)  # (M, K)
+    w = lin.weight.view(p, n // p, k).transpose(1, 2)  # (P, K, N/P): slice i = output features i*N/P ...
+    out = torch.baddbmm(lin.bias.view(p, 1, n // p), x2.expand(p, *x2.shape), w)  # (P, M, N/P)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], n)  # (P, M, N/P) -> (M, P, N/P) -> (..., N)
+
+
+def _split_k_mm(a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
+    """``a (M, C) @ b (C, D)`` as p partial products over slices of C, summed (the C % p leftover rows added)."""
+    (m, c), d = a.shape, b.shape[1]
+    cut = c // p * p
+    out = torch.bmm(a[:, :cut].reshape(m, p, cut // p).transpose(0, 1), b[:cut].view(p, cut // p, d)).sum(0)  # (M, D)
+    return out + a[:, cut:] @ b[cut:] if cut < c else out
+
+
+def _chunked_outer_mm(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """``a.T @ b`` for ``a (M, C)``, ``b (M, D)`` with small M (a weight gradient): ``(C, D)`` written in chunks of
+    ``rows`` output rows, one batched product."""
+    (m, c), d = a.shape, b.shape[1]
+    p = c // rows
+    out = torch.empty(c, d, dtype=b.dtype, device=b.device)
+    if p == 0:
+        return torch.mm(a.t(), b, out=out)
+    cut = p * rows
+    torch.bmm(a[:, :cut].t().reshape(p, rows, m), b.expand(p, m, d), out=out[:cut].view(p, rows, d))
+    if cut < c:
+        torch.mm(a[:, cut:].t(), b, out=out[cut:])
+    return out
 
 
 class _WideHeadCPU(torch.autograd.Function):
-    """``x (B, D) @ W.T + b`` computed as ``(W @ x.T).T``: the same numbers, and the usual gradients."""
+    """``x (B, D) @ W.T + b`` for a wide ``W (C, D)`` and few rows: forward as ``(W @ x.T).T`` (streams W once),
+    backward as the batched products above."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -231,30 +286,32 @@ class _WideHeadCPU(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # g: (B, C)
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
+        p = max(2, torch.get_num_threads())
         return (
-            g @ weight if need_x else None,  # (B, D)
-            g.t() @ x if need_w else None,  # (C, D)
+            _split_k_mm(g, weight, p) if need_x else None,  # (B, D)
+            _chunked_outer_mm(g, x) if need_w else None,  # (C, D)
             g.sum(0) if need_b else None,  # (C,)
         )
 
 
 def head_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``head(x)`` for ``x (B, D)`` -> ``(B, C)``.
-
-    On CPU (no autocast) the product is taken as ``(W @ x.T).T``. Why: for a wide head and few rows (the paper's
-    30,522-way vocabulary head, a batch of 8) MKL's ``x @ W.T`` re-packs the whole 94 MB weight on every call: 30 ms
-    per forward on two cores against 14 ms for the transposed product, which streams it once (and it is no slower
-    for any batch size, measured 1-256 rows). CUDA and autocast use ``nn.Linear`` as is.
-    """
-    if x.device.type != "cpu" or x.dim() != 2 or head.bias is None or torch.is_autocast_enabled("cpu"):
+    """``head(x)`` for ``x (B, D)`` -> ``(B, C)``; on CPU through :class:`_WideHeadCPU` (see above)."""
+    if not _cpu_fp32(x) or x.dim() != 2 or head.bias is None:
         return head(x)
     return _WideHeadCPU.apply(x, head.weight, head.bias)
 
 
+def _ffn(ffn: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's feed-forward (lin1 -> activation -> lin2 -> dropout; its chunking only saves memory)."""
+    return ffn.dropout(linear(ffn.lin2, ffn.activation(linear(ffn.lin1, a))))
+
+
 def _is_distilbert_block(layer: nn.Module) -> bool:
     att = getattr(layer, "attention", None)
-    return all(hasattr(att, n) for n in ("q_lin", "k_lin", "v_lin", "out_lin", "n_heads", "dropout")) and all(
-        hasattr(layer, n) for n in ("sa_layer_norm", "ffn", "output_layer_norm")
+    return (
+        all(hasattr(att, n) for n in ("q_lin", "k_lin", "v_lin", "out_lin", "n_heads", "dropout"))
+        and all(hasattr(layer, n) for n in ("sa_layer_norm", "ffn", "output_layer_norm"))
+        and all(hasattr(getattr(layer, "ffn", None), n) for n in ("lin1", "lin2", "activation", "dropout"))
     )
 
 

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipqa.errors import ClipqaError
-from clipqa.model import ClipQA, MLPMapper, apply_freeze, head_logits, trainable_state
+from clipqa.model import ClipQA, MLPMapper, apply_freeze, head_logits, linear, trainable_state
 from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
 
 TINY = OmegaConf.create(
@@ -173,19 +173,38 @@ def test_the_lean_text_path_gives_distilberts_own_answer_and_gradients(backbone,
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
 
 
-def test_the_cpu_head_product_gives_nn_linears_logits_and_gradients():
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    """The CPU products split work per torch thread: run the test with 1 (plain path), 2 and 3 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _same_values_and_gradients(f, module: nn.Linear, x: torch.Tensor) -> None:
+    outs, grads = [], []
+    for g in (f, lambda m, v: m(v)):
+        module.zero_grad()
+        x.grad = None
+        y = g(module, x)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outs.append(y.detach())
+        grads.append((x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone()))
+    assert outs[0].shape == outs[1].shape and torch.allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cpu_head_product_gives_nn_linears_logits_and_gradients(threads):
     torch.manual_seed(0)
-    head = nn.Linear(16, 300)
+    head = nn.Linear(16, 1100)  # 2 chunks of 512 output rows + 76 left over in the weight gradient
     for rows in (1, 8, 33):
-        x = torch.randn(rows, 16, requires_grad=True)
-        outs, grads = [], []
-        for f in (head_logits, lambda h, v: h(v)):
-            head.zero_grad()
-            x.grad = None
-            y = f(head, x)
-            (y * torch.linspace(-1, 1, 300)).sum().backward()
-            outs.append(y.detach())
-            grads.append((x.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
-        assert outs[0].shape == (rows, 300) and torch.allclose(outs[0], outs[1], atol=1e-6)
-        for a, b in zip(*grads, strict=True):
-            assert torch.allclose(a, b, atol=1e-6)
+        _same_values_and_gradients(head_logits, head, torch.randn(rows, 16, requires_grad=True))
+
+
+def test_the_cpu_split_linear_gives_nn_linears_values_and_gradients(threads):
+    torch.manual_seed(0)
+    for n_out in (48, 50):  # 50 does not split 3 ways: the plain path
+        lin = nn.Linear(24, n_out)
+        _same_values_and_gradients(linear, lin, torch.randn(3, 7, 24, requires_grad=True))
