@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +251,8 @@ class MlflowTracker(Tracker):
         while self.pending:
             method, args, kwargs = self.pending[0]
             try:
-                getattr(self.client, method)(*args, **kwargs)
+                with _ctrl_c_after():
+                    getattr(self.client, method)(*args, **kwargs)
             except Exception as e:
                 self.failed_at = time.monotonic()
                 log.debug("MLflow still unreachable: %s", e)
@@ -265,7 +269,8 @@ class MlflowTracker(Tracker):
                 self.pending.append((method, args, kwargs))
                 return
         try:
-            getattr(self.client, method)(*args, **kwargs)
+            with _ctrl_c_after():
+                getattr(self.client, method)(*args, **kwargs)
         except Exception as e:
             self.failed_at = time.monotonic()
             self.pending.append((method, args, kwargs))
@@ -273,6 +278,27 @@ class MlflowTracker(Tracker):
             log.warning(
                 "MLflow write failed (%s): %s; training goes on, the write is queued and retried", method, first
             )
+
+
+@contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) that arrives during an MLflow write until the write has finished, then raise it.
+
+    Why: a KeyboardInterrupt inside a write can leave its database transaction open (an SQLite store stays locked),
+    and the run's last write, the one that marks it KILLED, then waits on that lock for minutes. Python runs signal
+    handlers in the main thread only, so elsewhere this changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
 
 
 def sync(run_dir: str | Path) -> int:

@@ -1,6 +1,8 @@
 """MLflow tracking of single runs (status, params, metrics, artifacts) and the comparison report."""
 
 import json
+import os
+import signal
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -180,3 +182,24 @@ def test_report_without_matching_runs_is_a_clear_error(tmp_path):
 def test_wilson_interval_brackets_the_accuracy():
     lo, hi = wilson(0.5, 80)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(0.21, abs=0.01)  # the paper's +-11 points
+
+
+def test_ctrl_c_during_an_mlflow_write_waits_for_the_write_then_marks_the_run_killed(tmp_path):
+    """A Ctrl-C that lands inside a write is raised after it: no half-done transaction locks the store, and the
+    KILLED status is written at once (before, that last write could wait minutes on SQLite's lock)."""
+    t = MlflowTracker(f"sqlite:///{tmp_path / 'm.db'}", "t", "interrupted", {})
+    real, finished = t.client.log_batch, []
+
+    def write_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        real(*args, **kwargs)
+        finished.append(True)
+
+    t.client.log_batch = write_hit_by_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        t.log_metrics({"train/loss": 1.0}, step=1)
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    t.client.log_batch = real
+    t.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+    run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(t.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics["train/loss"] == 1.0 and not t.pending
