@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -299,6 +300,8 @@ def _ctrl_c_after():
         signal.signal(signal.SIGINT, previous)
         if caught and callable(previous):
             previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+        elif caught and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)  # the operating system's default: end the process
 
 
 def sync(run_dir: str | Path) -> int:
