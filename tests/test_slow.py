@@ -106,18 +106,24 @@ def test_sigint_marks_the_run_killed(tmp_path):
         "tracking.experiment=k",
         f"hydra.run.dir={tmp_path}/run",
     ]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "output.txt"  # a file, not a pipe: a full pipe would block the run's last log lines
+    with open(out, "w") as sink:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(uri)
     deadline = time.time() + 180
     while True:  # wait until training has logged a loss, then press Ctrl-C
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() else "timeout"
+        assert proc.poll() is None and time.time() < deadline, out.read_text()[-3000:]
         exp = client.get_experiment_by_name("k") if (tmp_path / "m.db").exists() else None
         runs = client.search_runs([exp.experiment_id]) if exp else []
         if runs and "train/loss" in runs[0].data.metrics:
             break
         time.sleep(1)
     proc.send_signal(signal.SIGINT)
-    proc.wait(60)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the run did not stop within 60 s of Ctrl-C; its output ends with:\n{out.read_text()[-3000:]}")
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
 
 
