@@ -120,10 +120,10 @@ def test_sigint_marks_the_run_killed(tmp_path):
         time.sleep(1)
     proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(60)
+        proc.wait(180)  # a loaded CI machine: the KILLED write may queue and retry (MlflowTracker.finish)
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"the run did not stop within 60 s of Ctrl-C; its output ends with:\n{out.read_text()[-3000:]}")
+        pytest.fail(f"the run did not stop within 180 s of Ctrl-C; its output ends with:\n{out.read_text()[-3000:]}")
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
 
 
