@@ -212,7 +212,7 @@ def run_clipqa(work: Path, name: str, overrides: list[str], warmup: int) -> tupl
     t0 = time.perf_counter()
     metrics = train(compose(overrides + [f"trainer.log_every={max(warmup, 1)}"]), work / "runs" / name, tracker=clock)
     wall = time.perf_counter() - t0
-    steps = round(metrics["train/seconds"] * metrics["train/examples_per_s"] / BATCH)
+    steps = metrics["steps"]
     warm_seconds = warmup * BATCH / clock.rows[warmup] if warmup else 0.0
     metrics["steady_examples_per_s"] = (steps - warmup) * BATCH / (metrics["train/seconds"] - warm_seconds)
     return metrics, wall

@@ -169,8 +169,6 @@ class MlflowTracker(Tracker):
     RETRY_AFTER_S = 5.0  # after a failure, wait this long before trying the server again
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
-        import os
-
         from mlflow.tracking import MlflowClient
 
         # Fail fast instead of MLflow's default minutes of HTTP retries: we queue and retry ourselves.
