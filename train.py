@@ -3,13 +3,12 @@
     python train.py experiment=demo
     python train.py -m experiment=demo mapper.num_layers=0,1,2
 
-The run logic is clipqa.train.train (importable, tested directly). User-fixable problems (ClipqaError) are
+The run logic is :func:`clipqa.run.train` (importable, tested directly). User-fixable problems (ClipqaError) are
 printed as one paragraph without a traceback, and the process exits with status 2.
 """
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,17 +26,16 @@ def main(cfg: DictConfig) -> float:
     from clipqa.config import validate
 
     try:
-        validate(cfg)  # bad config values fail here, before torch/transformers load the models
+        cfg = validate(cfg)  # bad config values fail here, before torch/transformers load the models
+        from clipqa.run import train
         from clipqa.tracking import hydra_run_info
-        from clipqa.train import train
 
-        info = hydra_run_info()
         on_validation = None
         if "optuna" in cfg:  # a trial of the Optuna sweeper: report val/acc to it, so it can prune
             from clipqa.optuna_study import pruning_callback
 
             on_validation = pruning_callback(cfg.optuna)
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir, hydra_run_info(), on_validation)
     except Preempted as e:
         log.warning("clipqa: %s", e)
         sys.exit(EXIT_PREEMPTED)
@@ -50,23 +48,17 @@ def main(cfg: DictConfig) -> float:
 
 
 def _config_dir_from_anywhere(argv: list[str]) -> None:
-    """Let ``-cd sweeps`` name this project's sweeps/ folder from any working directory.
+    """Let ``-cd sweeps`` name this project's sweeps/ folder from any working directory (Hydra resolves
+    ``--config-dir`` against the working directory; :func:`clipqa.paths.config_dir` falls back to the project's).
+    The main conf/ stays on the search path, so a sweep file's ``defaults: [config]`` finds conf/config.yaml."""
+    from clipqa.paths import config_dir
 
-    Hydra resolves ``--config-dir`` against the working directory; a relative folder that does not exist there but
-    exists beside train.py is rewritten to that absolute path. (The main conf/ stays on the search path, so a
-    sweep file's ``defaults: [config]`` finds conf/config.yaml.)
-    """
-    here = Path(__file__).resolve().parent
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
         if flag in ("-cd", "--config-dir") and not eq and i + 1 < len(argv):
-            folder, pos = argv[i + 1], i + 1
+            argv[i + 1] = str(config_dir(argv[i + 1]))
         elif flag == "--config-dir" and eq:
-            folder, pos = value, i
-        else:
-            continue
-        if not Path(folder).is_dir() and (here / folder).is_dir():
-            argv[pos] = str(here / folder) if pos != i else f"--config-dir={here / folder}"
+            argv[i] = f"--config-dir={config_dir(value)}"
 
 
 if __name__ == "__main__":

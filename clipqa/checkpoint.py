@@ -1,25 +1,57 @@
-"""Load a run's ``best.pt`` without Hydra: rebuild the model from the saved config and weights.
+"""Checkpoints: a run's ``best.pt`` (written and read here) and the resume checkpoints of an interrupted run.
 
 ``best.pt`` holds the resolved config (a plain dict), the weights of every part that trained (frozen pretrained
 parts are re-loaded from ``vision_source``/``text_source`` with ``from_pretrained``), the answer classes and the
-run's metrics. Usage::
+run's metrics. Rebuild the model without Hydra::
 
     from clipqa.checkpoint import load_checkpoint
     model, backbone, classes = load_checkpoint("outputs/.../best.pt")
+
+A resume checkpoint (``<run folder>/checkpoints/step_<N>.pt``, written atomically: temp file, then rename; the last
+``trainer.keep_checkpoints`` are kept) holds everything the loop needs to continue as if it had never stopped
+(:meth:`clipqa.loop.Trainer.resume_state`): weights of every part that trains, optimizer and grad-scaler state,
+the torch RNG state, the data position (phase, epoch, batches done), step counters, the phase's best weights, the
+history, earlier phases' test metrics, and the MLflow run id (a resumed run continues the same MLflow run).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from clipqa.build import build_model
 from clipqa.errors import ClipqaError
-from clipqa.model import ClipQA, apply_freeze, build_model
+from clipqa.freeze import PARTS, apply_freeze
+from clipqa.model import ClipQA
 from clipqa.pretrained import Backbone, load_sources
 
+log = logging.getLogger(__name__)
+
 FORMAT = "clipqa-checkpoint-v1"
+RESUME_FORMAT = "clipqa-resume-v1"
+
+
+# ---- best.pt ----------------------------------------------------------------------------------------------------
+def save_best(path: Path, **fields) -> None:
+    """Write ``best.pt`` atomically (temp file, then rename): ``fields`` plus the format tag."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, **fields}, tmp)
+    os.replace(tmp, path)
+
+
+def read_best(path: str | Path, what: str) -> dict:
+    """The contents of a ``best.pt``; ``what`` names where the path came from in the error (e.g. a config key)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ClipqaError(f"{what}: no such file {path}. Pass the best.pt of an earlier run.")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ClipqaError(f"{what}: {path} is not a clipqa checkpoint (expected format {FORMAT}); pass a run's best.pt.")
+    return ckpt
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ClipQA, Backbone, list[str]]:
@@ -27,15 +59,95 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Raises ClipqaError when the file is not a clipqa checkpoint or its backbone sources cannot be loaded.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ClipqaError(f"{path} is not a clipqa checkpoint (expected format {FORMAT}); pass a run's best.pt.")
+    ckpt = read_best(path, "load_checkpoint")
     cfg = OmegaConf.create(ckpt["config"])
     backbone = load_sources(ckpt["vision_source"], ckpt["text_source"])
     model = build_model(cfg, backbone, len(ckpt["classes"]))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    trained = tuple(f"{n}." for n in ("vision", "text", "mapper", "head") if n not in ckpt["frozen"])
+    trained = tuple(f"{n}." for n in PARTS if n not in ckpt["frozen"])
     if unexpected or any(k.startswith(trained) for k in missing):
         raise ClipqaError(f"{path} does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
     apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
     return model.to(device).eval(), backbone, list(ckpt["classes"])
+
+
+def load_init(model: ClipQA, path: str) -> set[str]:
+    """Warm start (``trainer.init_from``): load the trained weights of an earlier run's best.pt; return their parts."""
+    ckpt = read_best(path, f"trainer.init_from={path}")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # shape mismatch: another mapper width, head, or backbone
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ClipqaError(
+            f"trainer.init_from={path} does not fit this model ({first}). Use the same backbone, mapper and head "
+            "settings as the run that wrote it."
+        ) from None
+    if unexpected:
+        raise ClipqaError(f"trainer.init_from={path} has weights this model lacks: {unexpected[:3]}.")
+    log.info("warm start from %s (its best step %s) <trainer.init_from>", path, ckpt.get("best_step"))
+    return {k.split(".", 1)[0] for k in ckpt["state_dict"]}
+
+
+# ---- resume checkpoints -----------------------------------------------------------------------------------------
+def checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def save_resume(out: Path, state: dict, keep: int) -> Path:
+    """Write ``state`` atomically as ``checkpoints/step_<step>.pt``; delete all but the newest ``keep``."""
+    folder = checkpoint_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{state['step']:08d}.pt"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    torch.save({"format": RESUME_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_resume(out: Path, resolved_config: dict) -> dict | None:
+    """The newest readable resume checkpoint of this run folder, or None. A checkpoint written with another
+    config is refused (naming the differing keys) rather than silently mixed into this run."""
+    folder = checkpoint_dir(out)
+    for path in sorted(folder.glob("step_*.pt"), reverse=True) if folder.is_dir() else []:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a torn file cannot happen (atomic rename), but a damaged disk can
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, e)
+            continue
+        if state.get("format") != RESUME_FORMAT:
+            continue
+        if not same_run(state["config"], resolved_config):
+            diff = _diff(_comparable(state["config"]), _comparable(resolved_config))
+            raise ClipqaError(
+                f"{out} holds checkpoints of a run with another config (differs in: {', '.join(diff[:5])}). "
+                "Use a new output folder (hydra.run.dir=...), delete its checkpoints/ to start over, or pass "
+                "trainer.resume=never."
+            )
+        log.info("resuming from %s (step %d) <trainer.resume=auto>", path, state["step"])
+        return state
+    return None
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two resolved configs describe the same run (keys that may change on a restart are left out)."""
+    return _comparable(a) == _comparable(b)
+
+
+def _comparable(cfg: dict) -> dict:
+    c = {k: v for k, v in cfg.items() if k not in ("tracking",)}
+    c["trainer"] = {k: v for k, v in cfg.get("trainer", {}).items() if k not in ("resume", "num_workers")}
+    return c
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

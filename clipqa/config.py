@@ -129,7 +129,7 @@ class PhaseFreezeConfig:
 
 @dataclass
 class PhaseConfig:
-    """One training phase (``trainer.phases``); unset values are inherited, see clipqa.train.resolve_phases."""
+    """One training phase (``trainer.phases``); unset values are inherited, see clipqa.schedule.resolve_phases."""
 
     name: str | None = None
     epochs: int = MISSING
@@ -182,6 +182,11 @@ class RunConfig:
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
+
+
+def is_validated(cfg: DictConfig) -> bool:
+    """True for the result of :func:`validate` (so a caller that validated early does not validate twice)."""
+    return OmegaConf.get_type(cfg) is RunConfig and OmegaConf.is_readonly(cfg)
 
 
 def _fail(key: str, value: object, problem: str, fix: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TYPE_NAMES
@@ -285,3 +285,21 @@ class Collator:
             "types": torch.tensor([it["type"] for it in items]),  # (B,)
             "index": torch.tensor([it["index"] for it in items]),  # (B,) position in the split
         }
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices for epoch ``epoch`` (seeded by ``seed`` and the epoch), starting at position ``start``.
+
+    The training order is a pure function of (``trainer.seed``, epoch), so a resumed epoch skips the batches
+    already done without replaying them.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start

@@ -14,14 +14,13 @@ Output (deterministic for a seed)::
     <root>/train/{img_ids,questions,answers,types}.txt     <root>/images/train2014/COCO_train2014_%012d.jpg
     <root>/test/{img_ids,questions,answers,types}.txt      <root>/images/val2014/COCO_val2014_%012d.jpg
 
-``python -m clipqa.demo_data --out DIR`` (or ``clipqa-demo-data``) writes it explicitly; training with
+``clipqa-demo-data --out DIR`` writes it explicitly; training with
 ``experiment=demo`` generates it on first use under ``<paths.cache_dir>/demo/`` (default ``~/.cache/clipqa``, or
 ``$CLIPQA_CACHE_DIR``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -179,22 +178,3 @@ def ensure_demo(cache_dir: str | Path, n_train: int, n_test: int, seed: int, ima
         root.parent.mkdir(parents=True, exist_ok=True)
         generate(root, n_train, n_test, seed, image_size)
     return root
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic COCO-QA-format demo dataset.")
-    p.add_argument("--out", required=True, help="folder to create (data.root; images go to OUT/images)")
-    p.add_argument("--n-train", type=int, default=4000)
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128)
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    if out.exists():
-        p.error(f"{out} already exists; choose a new folder")
-    generate(out, a.n_train, a.n_test, a.seed, a.image_size)
-    print(f"wrote {out}: train with python train.py data.root={out} data.image_root={out / 'images'} backbone=tiny")
-
-
-if __name__ == "__main__":
-    main()

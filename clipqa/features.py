@@ -3,7 +3,7 @@
 A sweep trains the same architecture many times over the same images. While the vision tower is frozen its
 output for an image never changes, so decoding the JPEG and running CLIP at every step of every run (what the
 paper's script did) is wasted work. :func:`ensure_store` encodes each image once into a store that every later run
-and every sweep job reuses; ``clipqa.train`` uses it automatically when no phase trains the vision tower
+and every sweep job reuses; ``clipqa.run`` uses it automatically when no phase trains the vision tower
 (``features.cache=true``) and bypasses it when one does.
 
 Store layout (one folder per key under ``features.dir``, default ``<paths.cache_dir>/features``)::
@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -42,41 +41,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from clipqa.data import load_pixels
 from clipqa.errors import ClipqaError
+from clipqa.image_tokens import n_selected, select_tokens
 from clipqa.pretrained import n_image_tokens
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the store layout or the meaning of a feature changes
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
-
-
-def select_tokens(hidden: torch.Tensor, select: str, k: int | None) -> torch.Tensor:
-    """Choose which CLIP tokens go on to the mapper (the ``image_tokens`` ablation axis).
-
-    ``hidden``: CLIP's ``last_hidden_state`` ``(B, 1 + P, D)`` (CLS, then P patch tokens on a sqrt(P) x sqrt(P)
-    grid). Returns ``(B, N, D)``: ``all`` N = 1 + P (the paper: 50 for ViT-B/32); ``cls`` N = 1 (token 0);
-    ``pooled`` N = k: the patch grid average-pooled to a sqrt(k) x sqrt(k) grid (k a square number <= P).
-    """
-    if select == "all":
-        return hidden
-    if select == "cls":
-        return hidden[:, :1]  # (B, 1, D)
-    B, L, D = hidden.shape
-    side, out = math.isqrt(L - 1), math.isqrt(k)
-    if side * side != L - 1:
-        raise ClipqaError(f"image_tokens=pooled needs a square patch grid; this vision tower has {L - 1} patches.")
-    grid = hidden[:, 1:].transpose(1, 2).reshape(B, D, side, side)  # (B, D, side, side): patches back on the grid
-    pooled = F.adaptive_avg_pool2d(grid, out)  # (B, D, out, out)
-    return pooled.flatten(2).transpose(1, 2)  # (B, out*out, D), row-major over the pooled grid
-
-
-def n_selected(n_tokens: int, select: str, k: int | None) -> int:
-    """How many tokens :func:`select_tokens` keeps out of CLIP's ``n_tokens`` (1 + patches)."""
-    return {"all": n_tokens, "cls": 1}.get(select, k)
 
 
 # ---- the key -------------------------------------------------------------------------------------------------
@@ -184,8 +159,6 @@ class _Images(Dataset):
         return len(self.ids)
 
     def __getitem__(self, row: int):
-        from clipqa.data import load_pixels
-
         image_id = self.ids[row]
         path, user = self.paths[image_id], self.users[image_id]
         # Skips are logged by the main process: a worker's log records would not reach the run's log file.
@@ -353,70 +326,3 @@ class FeatureDataset(Dataset):
             "type": self.split.types[i],
             "index": i,
         }
-
-
-# ---- clipqa-cache: build the store ahead of a sweep ------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``clipqa-cache [OVERRIDES]``: build (or find) the feature cache a run with these overrides would use.
-
-    Run it once before a sweep (e.g. on the login node's GPU, or as the first SLURM job) so the sweep's jobs all
-    start from a finished store; they would otherwise build it themselves, one building while the others wait.
-    """
-    import argparse
-
-    from hydra import compose, initialize_config_dir
-
-    parser = argparse.ArgumentParser(
-        prog="clipqa-cache",
-        description="Encode every image of the configured dataset with the frozen CLIP tower once, into the "
-        "feature cache that training runs and sweep jobs reuse. Takes the same overrides as train.py.",
-        epilog="examples: clipqa-cache experiment=demo | clipqa-cache data.root=D data.image_root=I image_tokens=cls",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value)")
-    parser.add_argument("-cd", "--config-dir", default=None, help="config folder (e.g. sweeps); default conf/")
-    parser.add_argument("-cn", "--config-name", default="config", help="config name (e.g. a sweep file)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-
-    project = Path(__file__).resolve().parents[1]
-    conf = project / "conf"
-    config_dir = Path(args.config_dir).resolve() if args.config_dir else conf
-    if args.config_dir and not config_dir.is_dir() and (project / args.config_dir).is_dir():
-        config_dir = project / args.config_dir
-    if not (conf / "config.yaml").is_file() or not config_dir.is_dir():
-        sys.exit(f"clipqa-cache: error: cannot find the config folder {config_dir} (install clipqa with pip -e).")
-    try:
-        from clipqa.config import validate
-        from clipqa.pretrained import load_backbone
-        from clipqa.train import feature_store, load_data, pick_device, resolve_phases
-
-        overrides = list(args.overrides)
-        if config_dir != conf:
-            overrides.append(f"hydra.searchpath=[file://{conf}]")
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = validate(compose(args.config_name, overrides=overrides))
-        if not all(p.freeze["vision"] for p in resolve_phases(cfg)):
-            raise ClipqaError("this config trains the vision tower, so its runs do not use the feature cache.")
-        train_split, val_split, test_split, index = load_data(cfg)
-        backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
-        t0 = time.perf_counter()
-        store = feature_store(
-            cfg, backbone, [train_split, val_split, test_split], index, pick_device(cfg.trainer.device)
-        )
-    except ClipqaError as e:
-        sys.exit(f"clipqa-cache: error: {e}")
-    except Exception as e:  # a malformed override, an unknown config group
-        sys.exit(f"clipqa-cache: error: {type(e).__name__}: {e}")
-    n_bad = len(store.bad)
-    print(
-        f"feature cache: {store.folder}\n"
-        f"  {len(store.rows)} images ({n_bad} unreadable, skipped), {len(store.rows) - n_bad} encoded, "
-        f"{store.shape[0]} tokens x {store.shape[1]} ({store.dtype}) each\n"
-        f"  size {store.nbytes() / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.1f} s"
-    )
-
-
-if __name__ == "__main__":
-    main()

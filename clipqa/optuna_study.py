@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipqa.errors import ClipqaError
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+from clipqa.paths import absolute_sqlite, project_sqlite
 
 
 def default_storage() -> str:
-    return f"sqlite:///{PROJECT_DIR / 'optuna.db'}"
+    return project_sqlite("optuna.db")
 
 
 def make_storage(url: str | None):
@@ -31,8 +30,7 @@ def make_storage(url: str | None):
         path = Path(url[len("journal://") :]).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{Path(url[len('sqlite:///') :]).resolve()}"
+    url = absolute_sqlite(url)
     try:
         return optuna.storages.RDBStorage(
             url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -63,7 +61,7 @@ def make_pruner(p):
 
 
 def pruning_callback(ocfg):
-    """``on_validation(val_acc, step)`` for :func:`clipqa.train.train` that reports to the job's Optuna trial."""
+    """``on_validation(val_acc, step)`` for :func:`clipqa.run.train` that reports to the job's Optuna trial."""
     import optuna
 
     study = optuna.load_study(

@@ -13,7 +13,6 @@ versions (named V1..V4), the paper's published accuracy is shown beside ours; it
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import statistics
@@ -220,30 +219,3 @@ def make_report(
         }
     learning_curves_chart(curves, out / "learning_curves.png")
     return out / "report.md"
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="clipqa-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
-    p.add_argument("--experiment", default="clipqa", help="MLflow experiment name")
-    p.add_argument("--out", required=True, help="folder for report.md, report.csv, comparison.png")
-    p.add_argument("--parent", default=None, help="only the runs nested under this parent (sweep) run id")
-    p.add_argument("--sweep-dir", default=None, help=f"only the runs of the Hydra sweep in this folder ({PARENT_FILE})")
-    p.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"params.head.kind = 'vocab'\"")
-    a = p.parse_args(argv)
-    parent = a.parent
-    if a.sweep_dir:
-        info = read_parent(a.sweep_dir)
-        if info is None:
-            p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
-        parent = info["run_id"]
-    try:
-        path = make_report(a.tracking_uri, a.out, experiment=a.experiment, parent_run_id=parent, filter_string=a.filter)
-    except ClipqaError as e:
-        raise SystemExit(f"clipqa-report: error: {e}") from None
-    print(path.read_text().split("\n\n![")[0])
-    print(f"\nwrote {path}, {path.with_name('report.csv')}, {path.with_name('comparison.png')}")
-
-
-if __name__ == "__main__":
-    main()

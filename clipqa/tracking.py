@@ -4,7 +4,7 @@
 - Default store: ``sqlite:///<project folder>/mlflow.db`` (absolute, so every run of every sweep lands in one store
   whatever the working directory), artifacts in ``<project folder>/mlartifacts``. ``tracking.uri`` and
   ``tracking.experiment`` point at any tracking server; ``tracking=none`` turns tracking off.
-- A Hydra multirun gets a parent run (:class:`MlflowSweepCallback`, registered in ``conf/config.yaml``) created in
+- A Hydra multirun gets a parent run (:class:`clipqa.sweep.MlflowSweepCallback`, registered in ``conf/config.yaml``) created in
   the launching process before any job starts (which also initialises a fresh SQLite store once: two processes
   creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib launcher), find it through a small
   file in the sweep folder and nest under it (``mlflow.parentRunId``).
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from clipqa.paths import PROJECT_DIR, absolute_sqlite, project_sqlite
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 PARENT_FILE = ".clipqa_mlflow_parent.json"  # in the sweep folder: how jobs find their parent run
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value; longer values live in the config.yaml artifact
 # Keys that never name a variant: where things are written, not what is trained.
@@ -63,17 +63,9 @@ def hydra_run_info() -> RunInfo:
     )
 
 
-def default_uri() -> str:
-    return f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
-
-
 def resolve_uri(uri: str | None) -> str:
     """``None`` -> the project's SQLite store; a relative ``sqlite:///`` path -> absolute (cwd-independent)."""
-    if not uri:
-        return default_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
-    return uri
+    return absolute_sqlite(uri) if uri else project_sqlite("mlflow.db")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -163,7 +155,7 @@ class MlflowTracker(Tracker):
     Tracking faults never stop training: a write that fails (server down, database locked) is queued, a warning
     says what was not logged, and the queue is replayed in order at the next write once the server answers again,
     and at the end of the run. What still cannot be written then is kept in ``<run folder>/mlflow_pending.pkl`` and
-    uploaded later with ``python -m clipqa.tracking sync <run folder>``.
+    uploaded later with ``clipqa-sync <run folder>``.
     """
 
     RETRY_AFTER_S = 5.0  # after a failure, wait this long before trying the server again
@@ -237,7 +229,7 @@ class MlflowTracker(Tracker):
             with open(run_dir / "mlflow_pending.pkl", "wb") as f:
                 pickle.dump({"uri": self.uri, "ops": self.pending}, f)
             log.warning(
-                "%d MLflow writes could not be made; upload them later with: python -m clipqa.tracking sync %s",
+                "%d MLflow writes could not be made; upload them later with: clipqa-sync %s",
                 len(self.pending),
                 run_dir,
             )
@@ -351,92 +343,3 @@ def read_parent(sweep_dir: str | None) -> dict | None:
     if not sweep_dir or not (Path(sweep_dir) / PARENT_FILE).is_file():
         return None
     return json.loads((Path(sweep_dir) / PARENT_FILE).read_text())
-
-
-class MlflowSweepCallback(Callback):
-    """Hydra callback: a parent MLflow run per multirun, created before any job starts; closed at the end.
-
-    Registered in ``conf/config.yaml`` under ``hydra.callbacks``. The sweep's comparison report is written into the
-    sweep folder and logged as artifacts of the parent run.
-    """
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        if config.tracking.backend == "none":
-            return
-        overrides = list(config.hydra.overrides.task)
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
-        swept += [override_key(k) for k in (config.hydra.sweeper.get("params") or {})]  # sweeps/*.yaml, Optuna
-        uri = resolve_uri(config.tracking.uri)
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        existing = read_parent(str(sweep_dir))
-        if existing and existing["uri"] == uri:  # the sweep is being re-run (resumed): keep its parent run
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri=uri).update_run(existing["run_id"], status="RUNNING")
-            log.info("continuing the sweep's MLflow parent run %s", existing["run_id"])
-            return
-        shown = [o for o in overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
-        name = "sweep: " + (" ".join(shown) or "defaults")
-        tags = {"clipqa.sweep": "true", "clipqa.overrides": " ".join(overrides)}
-        if commit := git_commit():
-            tags["mlflow.source.git.commit"] = commit
-        parent = MlflowTracker(uri, config.tracking.experiment, name, tags)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent.run_id, "uri": uri, "swept": swept}))
-        parent.set_tags({"hydra.sweep.dir": str(sweep_dir)})
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.tracking.backend == "none":
-            return
-        sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        parent = read_parent(str(sweep_dir))
-        if parent is None:
-            return
-        from mlflow.tracking import MlflowClient
-
-        from clipqa.report import make_report
-
-        client = MlflowClient(tracking_uri=parent["uri"])
-        run = client.get_run(parent["run_id"])
-        try:
-            out = sweep_dir / "report"
-            make_report(parent["uri"], experiment_id=run.info.experiment_id, parent_run_id=parent["run_id"], out=out)
-            for f in sorted(out.iterdir()):
-                client.log_artifact(parent["run_id"], str(f), "report")
-            log.info("sweep report: %s", out / "report.md")
-        except Exception as e:  # a report problem must not hide the sweep's results
-            log.warning("could not write the sweep report: %s", e)
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
-        failed = [c for c in children if c.info.status != "FINISHED"]
-        client.set_tag(parent["run_id"], "clipqa.jobs", f"{len(children) - len(failed)}/{len(children)} finished")
-        client.set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
-
-
-def mark_best_trial(config: DictConfig, number: int, value: float) -> None:
-    """Tag the MLflow run of an Optuna study's best trial (``clipqa.best_trial``) and note it on the parent run."""
-    if config.tracking.backend == "none":
-        return
-    parent = read_parent(str(Path(config.hydra.sweep.dir).resolve()))
-    if parent is None:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=parent["uri"])
-    exp_id = client.get_run(parent["run_id"]).info.experiment_id
-    runs = client.search_runs(
-        [exp_id], f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`optuna.trial` = '{number}'"
-    )
-    for run in runs:
-        client.set_tag(run.info.run_id, "clipqa.best_trial", "true")
-    client.set_tag(parent["run_id"], "clipqa.best_trial", f"trial {number}: val/acc {value:.4f}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "sync":
-        raise SystemExit("usage: python -m clipqa.tracking sync RUN_FOLDER")
-    print(f"uploaded {sync(sys.argv[2])} MLflow writes from {sys.argv[2]}")

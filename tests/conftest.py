@@ -16,17 +16,9 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# A small, fast demo: 1000 train / 200 test questions, tiny models, no DataLoader workers.
-SMALL_DEMO = [
-    "experiment=demo",
-    "data.synthetic.n_train=1000",
-    "data.synthetic.n_test=200",
-    "data.synthetic.image_size=64",
-    "trainer.num_workers=0",
-    "trainer.epochs=2",
-    "optimizer.lr=2e-3",
-    "tracking=none",
-]
+# A small, fast demo (conf/experiment/smoke.yaml): 1000 train / 200 test questions, tiny models, 2 epochs,
+# no DataLoader workers, no tracking.
+SMALL_DEMO = ["experiment=smoke"]
 
 
 @pytest.fixture(scope="session", autouse=True)

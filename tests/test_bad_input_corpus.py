@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipqa.data import read_split
 from clipqa.errors import ClipqaError
-from clipqa.train import train
+from clipqa.run import train
 from tests.conftest import compose_cfg
 from tests.handmade import make_cocoqa
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipqa import features
+from clipqa import cli, features
 from clipqa.errors import ClipqaError
-from clipqa.train import train
+from clipqa.image_tokens import select_tokens
+from clipqa.run import train
 from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
 
 # A smaller demo still: the cache tests train twice or start several processes.
@@ -22,9 +23,9 @@ TINY_RUN = [*SMALL_DEMO, "data.synthetic.n_train=600", "data.synthetic.n_test=10
 
 def test_select_tokens_all_cls_and_pooled_shapes_and_values():
     hidden = torch.randn(2, 1 + 16, 8)  # CLS + a 4x4 patch grid
-    assert features.select_tokens(hidden, "all", None).shape == (2, 17, 8)
-    assert torch.equal(features.select_tokens(hidden, "cls", None), hidden[:, :1])
-    pooled = features.select_tokens(hidden, "pooled", 4)  # 4x4 grid -> 2x2 grid
+    assert select_tokens(hidden, "all", None).shape == (2, 17, 8)
+    assert torch.equal(select_tokens(hidden, "cls", None), hidden[:, :1])
+    pooled = select_tokens(hidden, "pooled", 4)  # 4x4 grid -> 2x2 grid
     assert pooled.shape == (2, 4, 8)
     grid = hidden[:, 1:].reshape(2, 4, 4, 8)  # row-major patches
     assert torch.allclose(pooled[:, 0], grid[:, :2, :2].mean(dim=(1, 2)), atol=1e-6)  # top-left quadrant
@@ -158,7 +159,7 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
 
     from clipqa.config import validate
     from clipqa.pretrained import load_backbone
-    from clipqa.train import images_of, load_data
+    from clipqa.build import images_of, load_data
 
     overrides = [o for o in TINY_RUN if not o.startswith(("trainer.", "tracking", "optimizer"))]
     overrides += [f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
@@ -176,7 +177,7 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
     logs = [tmp_path / f"job{i}.log" for i in range(3)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "clipqa.features", *overrides], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "clipqa.cli", "cache", *overrides], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
         )
         for f in (open(log, "w") for log in logs)
     ]
@@ -209,17 +210,18 @@ def test_the_cache_is_bypassed_when_the_vision_tower_trains(tmp_path, cache_dir,
 
 def test_clipqa_cache_command_builds_then_reuses_and_reports_the_size(tmp_path, cache_dir, capsys):
     args = [*TINY_RUN, "image_tokens=cls", f"features.dir={tmp_path / 'f'}"]
-    features.main(args)
+    cli.cache(args)
     first = capsys.readouterr().out
     assert "feature cache:" in first and "MiB" in first and "1 tokens x 64" in first
-    features.main(args)
+    cli.cache(args)
     assert capsys.readouterr().out.splitlines()[0] == first.splitlines()[0]  # the same store, found again
     assert len([d for d in (tmp_path / "f").iterdir() if d.is_dir()]) == 1
 
 
 def test_clipqa_cache_refuses_a_config_that_trains_the_vision_tower(tmp_path, cache_dir, capsys):
-    with pytest.raises(SystemExit, match="trains the vision tower"):
-        features.main([*TINY_RUN, "freeze=none", f"features.dir={tmp_path / 'f'}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.cache([*TINY_RUN, "freeze=none", f"features.dir={tmp_path / 'f'}"])
+    assert exit_.value.code == 2 and "trains the vision tower" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tokens", ["image_tokens=cls", "image_tokens=pooled"])

@@ -6,7 +6,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipqa.errors import ClipqaError
-from clipqa.model import ClipQA, MLPMapper, apply_freeze, head_logits, linear, trainable_state
+from clipqa.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
+from clipqa.freeze import apply_freeze, trainable_state
+from clipqa.model import ClipQA, MLPMapper
 from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
 
 TINY = OmegaConf.create(

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from clipqa.checkpoint import load_checkpoint
-from clipqa.train import train
+from clipqa.run import train
 from tests.conftest import ROOT
 from tests.test_cli import run_cli
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from clipqa.config import validate
-from clipqa.train import resolve_phases
+from clipqa.schedule import resolve_phases
 from tests.conftest import CONF, ROOT
 from tests.test_cli import run_cli
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from clipqa.errors import ClipqaError
 from clipqa.report import make_report, wilson
 from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
-from clipqa.train import train
+from clipqa.run import train
 from tests.conftest import SMALL_DEMO, compose_cfg
 
 
@@ -75,7 +75,7 @@ def test_a_run_that_raises_ends_failed_with_the_message(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path, monkeypatch):
-    import clipqa.train as T
+    import clipqa.run as T
 
     def interrupted(cfg):
         raise KeyboardInterrupt

@@ -12,7 +12,8 @@ from clipqa.checkpoint import load_checkpoint
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
 from clipqa.tracking import Tracker
-from clipqa.train import keep_freed_memory, train
+from clipqa.build import keep_freed_memory
+from clipqa.run import train
 from tests.conftest import SMALL_DEMO, compose_cfg
 from tests.handmade import make_cocoqa
 
@@ -47,7 +48,8 @@ def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(de
 
 def test_best_checkpoint_loads_without_hydra_and_reproduces_test_accuracy(demo_run):
     from clipqa.data import Collator, LabelSpace, QADataset, index_images, read_split
-    from clipqa.train import evaluate, make_loader
+    from clipqa.build import make_loader
+    from clipqa.evaluation import evaluate
 
     _, out, metrics = demo_run
     model, backbone, classes = load_checkpoint(out / "best.pt")

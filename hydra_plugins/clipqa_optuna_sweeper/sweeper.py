@@ -127,7 +127,7 @@ class ClipqaOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from clipqa.optuna_study import default_storage, make_storage
-        from clipqa.tracking import mark_best_trial
+        from clipqa.sweep import mark_best_trial
 
         url = self.storage_url or default_storage()
         storage = make_storage(url)

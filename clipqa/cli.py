@@ -1,0 +1,139 @@
+"""The command-line tools besides ``train.py``: ``clipqa-cache``, ``clipqa-report``, ``clipqa-sync`` and
+``clipqa-demo-data``. Each prints a user-fixable problem as one ``<tool>: error: ...`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from clipqa.errors import ClipqaError
+from clipqa.paths import CONF_DIR, config_dir
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cache(argv: list[str] | None = None) -> None:
+    """``clipqa-cache [OVERRIDES]``: build (or find) the feature cache a run with these overrides would use.
+
+    Run it once before a sweep (e.g. on the login node's GPU, or as the first SLURM job) so the sweep's jobs all
+    start from a finished store; they would otherwise build it themselves, one building while the others wait.
+    """
+    parser = argparse.ArgumentParser(
+        prog="clipqa-cache",
+        description="Encode every image of the configured dataset with the frozen CLIP tower once, into the "
+        "feature cache that training runs and sweep jobs reuse. Takes the same overrides as train.py.",
+        epilog="examples: clipqa-cache experiment=demo | clipqa-cache data.root=D data.image_root=I image_tokens=cls",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value)")
+    parser.add_argument("-cd", "--config-dir", default=None, help="config folder (e.g. sweeps); default conf/")
+    parser.add_argument("-cn", "--config-name", default="config", help="config name (e.g. a sweep file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    folder = config_dir(args.config_dir) if args.config_dir else CONF_DIR
+    if not (CONF_DIR / "config.yaml").is_file() or not folder.is_dir():
+        _fail("clipqa-cache", f"cannot find the config folder {folder} (install clipqa with pip install -e).")
+    from hydra import compose, initialize_config_dir
+
+    from clipqa.build import feature_store, load_data, pick_device
+    from clipqa.config import validate
+    from clipqa.pretrained import load_backbone
+    from clipqa.schedule import resolve_phases
+
+    try:
+        overrides = list(args.overrides)
+        if folder != CONF_DIR:
+            overrides.append(f"hydra.searchpath=[file://{CONF_DIR}]")
+        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+            cfg = validate(compose(args.config_name, overrides=overrides))
+        if not all(p.freeze["vision"] for p in resolve_phases(cfg)):
+            raise ClipqaError("this config trains the vision tower, so its runs do not use the feature cache.")
+        train_split, val_split, test_split, index = load_data(cfg)
+        backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
+        t0 = time.perf_counter()
+        splits = [train_split, val_split, test_split]
+        store = feature_store(cfg, backbone, splits, index, pick_device(cfg.trainer.device))
+    except ClipqaError as e:
+        _fail("clipqa-cache", str(e))
+    except Exception as e:  # a malformed override, an unknown config group
+        _fail("clipqa-cache", f"{type(e).__name__}: {e}")
+    n_bad = len(store.bad)
+    print(
+        f"feature cache: {store.folder}\n"
+        f"  {len(store.rows)} images ({n_bad} unreadable, skipped), {len(store.rows) - n_bad} encoded, "
+        f"{store.shape[0]} tokens x {store.shape[1]} ({store.dtype}) each\n"
+        f"  size {store.nbytes() / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.1f} s"
+    )
+
+
+def report(argv: list[str] | None = None) -> None:
+    """``clipqa-report``: the comparison report (report.md, report.csv, charts) from MLflow runs."""
+    from clipqa.report import make_report
+    from clipqa.tracking import PARENT_FILE, read_parent
+
+    p = argparse.ArgumentParser(
+        prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
+    p.add_argument("--experiment", default="clipqa", help="MLflow experiment name")
+    p.add_argument("--out", required=True, help="folder for report.md, report.csv, comparison.png")
+    p.add_argument("--parent", default=None, help="only the runs nested under this parent (sweep) run id")
+    p.add_argument("--sweep-dir", default=None, help=f"only the runs of the Hydra sweep in this folder ({PARENT_FILE})")
+    p.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"params.head.kind = 'vocab'\"")
+    a = p.parse_args(argv)
+    parent = a.parent
+    if a.sweep_dir:
+        info = read_parent(a.sweep_dir)
+        if info is None:
+            p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
+        parent = info["run_id"]
+    try:
+        path = make_report(a.tracking_uri, a.out, experiment=a.experiment, parent_run_id=parent, filter_string=a.filter)
+    except ClipqaError as e:
+        _fail("clipqa-report", str(e))
+    print(path.read_text().split("\n\n![")[0])
+    print(f"\nwrote {path}, {path.with_name('report.csv')}, {path.with_name('comparison.png')}")
+
+
+def sync(argv: list[str] | None = None) -> None:
+    """``clipqa-sync RUN_FOLDER``: upload the MLflow writes a run could not make while the server was away."""
+    from clipqa.tracking import sync as upload
+
+    p = argparse.ArgumentParser(prog="clipqa-sync", description=sync.__doc__.split(": ", 1)[1])
+    p.add_argument("run_folder", help="the run's output folder (holds mlflow_pending.pkl)")
+    a = p.parse_args(argv)
+    if not (Path(a.run_folder) / "mlflow_pending.pkl").is_file():
+        _fail("clipqa-sync", f"{Path(a.run_folder) / 'mlflow_pending.pkl'} not found: nothing to upload.")
+    print(f"uploaded {upload(a.run_folder)} MLflow writes from {a.run_folder}")
+
+
+def demo_data(argv: list[str] | None = None) -> None:
+    """``clipqa-demo-data --out DIR``: write the synthetic COCO-QA-format demo dataset to a folder."""
+    from clipqa.demo_data import generate
+
+    p = argparse.ArgumentParser(prog="clipqa-demo-data", description="Write the synthetic COCO-QA-format demo dataset.")
+    p.add_argument("--out", required=True, help="folder to create (data.root; images go to OUT/images)")
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if out.exists():
+        p.error(f"{out} already exists; choose a new folder")
+    generate(out, a.n_train, a.n_test, a.seed, a.image_size)
+    print(f"wrote {out}: train with python train.py data.root={out} data.image_root={out / 'images'} backbone=tiny")
+
+
+if __name__ == "__main__":  # python -m clipqa.cli {cache,report,sync,demo-data} ...
+    tools = {"cache": cache, "report": report, "sync": sync, "demo-data": demo_data}
+    if len(sys.argv) < 2 or sys.argv[1] not in tools:
+        _fail("python -m clipqa.cli", f"name a tool: {', '.join(tools)}")
+    tools[sys.argv[1]](sys.argv[2:])

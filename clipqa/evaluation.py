@@ -1,0 +1,71 @@
+"""Evaluation: accuracy (overall and per COCO-QA type) and loss of a model over a split, and the forward pass."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipqa import metrics as M
+from clipqa.model import ClipQA
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision context: bf16/fp16 autocast on the device, nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward(model: ClipQA, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``(B, C)`` for a collated batch of pixels or cached features."""
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+        image_features=batch.get("image_features"),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: ClipQA, loader: DataLoader, device: torch.device, precision: str, split: str
+) -> tuple[dict[str, float], dict[int, int]]:
+    """``{split}/acc`` (overall + per type) and ``{split}/loss`` over every question of ``loader``.
+
+    Questions the head cannot answer (label -1: a multi-wordpiece answer under head=vocab, an answer unseen in
+    training under head=answers) count as wrong and are left out of the loss only. Returns (metrics, predictions)
+    with predictions mapping question number in the split -> predicted class id.
+    """
+    was_training = model.training
+    model.eval()
+    correct: list[bool] = []
+    types: list[int] = []
+    preds: dict[int, int] = {}
+    loss_sum, loss_n = 0.0, 0
+    for batch in tqdm(loader, desc=f"evaluating {split}", leave=False, unit="batch"):
+        if batch is None:
+            continue
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = forward(model, batch)  # (B, C)
+        labels = batch["labels"]
+        known = labels >= 0
+        if known.any():
+            loss_sum += F.cross_entropy(logits[known].float(), labels[known], reduction="sum").item()
+            loss_n += int(known.sum())
+        pred = logits.argmax(-1)
+        correct += (pred == labels).tolist()
+        types += batch["types"].tolist()
+        preds.update(zip(batch["index"].tolist(), pred.tolist(), strict=True))
+    model.train(was_training)
+    out = M.accuracy_by_type(correct, types, f"{split}/acc")
+    out[f"{split}/loss"] = loss_sum / loss_n if loss_n else float("nan")
+    return out, preds

@@ -1,0 +1,256 @@
+"""The run function: one training run from a composed config to ``metrics.json`` and ``best.pt``.
+
+``train(cfg, output_dir)`` is what ``train.py`` (the Hydra entry point) calls and what tests call directly. It
+reads top to bottom:
+
+1. validate the config (typed boundary); skip a finished run; find a resume checkpoint; start the tracker
+2. set up: seed, device, data, backbone, labels, model, feature cache, loaders        (:mod:`clipqa.build`)
+3. train phase by phase, validating and keeping the best weights                       (:mod:`clipqa.loop`)
+4. write metrics.json, config.yaml, history.jsonl, test_predictions.tsv, curves and best.pt
+5. log the final metrics and files to the tracker and end its run FINISHED, FAILED or KILLED
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipqa import metrics as M
+from clipqa.build import (
+    build_labels,
+    build_loaders,
+    build_model,
+    keep_freed_memory,
+    load_data,
+    pick_device,
+    resolve_precision,
+    seed_everything,
+    warn_long_questions,
+)
+from clipqa.checkpoint import latest_resume, load_init, same_run, save_best
+from clipqa.config import is_validated, validate
+from clipqa.data import Split
+from clipqa.errors import ClipqaError, Preempted
+from clipqa.loop import Trainer
+from clipqa.plots import save_curves
+from clipqa.pretrained import load_backbone
+from clipqa.schedule import PARTS, resolve_phases
+from clipqa.signals import stop_on_sigterm
+from clipqa.tracking import RunInfo, Tracker, make_tracker
+from clipqa.train_state import TrainState
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = ".clipqa_done"  # written after every file and every MLflow write of a finished run
+RUN_ID_FILE = "mlflow_run_id.txt"  # a run folder remembers its MLflow run: a restart continues it
+
+
+def train(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    info: RunInfo | None = None,
+    on_validation=None,
+    tracker: Tracker | None = None,
+) -> dict[str, float]:
+    """Run one training job; write metrics.json / config.yaml / best.pt into ``output_dir``; return the metrics.
+
+    ``info`` places the run in its Hydra sweep (for tracking: run name, parent run); ``train.py`` passes it.
+    ``on_validation(val_acc, step)`` is called after every validation (Optuna pruning raises TrialPruned there).
+    ``tracker`` replaces the one ``tracking.*`` would make (benchmarks/throughput.py records step timings with it).
+    The tracked run ends FINISHED, FAILED (with the error message as tag ``error``) or KILLED (Ctrl-C, SIGTERM, or a
+    pruned trial, tagged ``clipqa.pruned``).
+    """
+    cfg = cfg if is_validated(cfg) else validate(cfg)
+    out = Path(output_dir)
+    check_writable(out, "the run folder (hydra.run.dir / hydra.sweep.dir)")
+    if cfg.data.synthetic is not None or cfg.backbone.tiny is not None:
+        check_writable(Path(cfg.paths.cache_dir).expanduser(), "paths.cache_dir (or $CLIPQA_CACHE_DIR)")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resumed = None
+    if cfg.trainer.resume == "auto":
+        if (finished := finished_metrics(out, resolved)) is not None:
+            log.info("%s already holds this run's results; not training again <trainer.resume=auto>", out)
+            return finished
+        resumed = latest_resume(out, resolved)
+    info = info or RunInfo()
+    if tracker is None:
+        tracker = make_tracker(cfg, info, run_id=previous_run_id(out, cfg, resumed))
+    if tracker.run_id:
+        (out / RUN_ID_FILE).write_text(tracker.run_id)
+    with stop_on_sigterm() as stop:
+        try:
+            results = _run(cfg, out, resolved, tracker, info, on_validation, resumed, stop)
+        except BaseException as e:
+            end_tracked_run(tracker, e, out)
+            raise
+    tracker.finish("FINISHED", run_dir=out)
+    (out / DONE_MARKER).write_text("finished\n")  # last of all: a re-run of this folder skips the run
+    return results
+
+
+def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_validation, resumed, stop) -> dict:
+    # 1. seed, device ----------------------------------------------------------------------------------------------
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
+    t = cfg.trainer
+    seed_everything(t.seed)
+    device = pick_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    log.info(
+        "device %s <trainer.device=%s>, precision %s <trainer.precision=%s>", device, t.device, precision, t.precision
+    )
+    if device.type == "cpu" and keep_freed_memory():
+        log.debug("glibc malloc keeps freed memory (no page faults for per-step tensors over 32 MiB)")
+
+    # 2. data, backbone, labels ------------------------------------------------------------------------------------
+    train_split, val_split, test_split, index = load_data(cfg)
+    prior = M.answer_prior(train_split.answers, train_split.types)  # before any head-specific drop
+    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
+    labels, train_split, y_train, n_dropped = build_labels(cfg, backbone, train_split)
+    splits = [train_split, val_split, test_split]
+    warn_long_questions(splits, backbone.tokenizer, cfg.backbone.image_position_offset)
+
+    # 3. model, loaders (from the feature cache when no phase trains the vision tower) ------------------------------
+    model = build_model(cfg, backbone, len(labels)).to(device)
+    if t.compile:
+        model.compile_text()
+    state = TrainState()
+    if t.init_from:
+        state.trained_parts |= load_init(model, t.init_from)
+    phases = resolve_phases(cfg)
+    loaders = build_loaders(cfg, backbone, splits, y_train, labels, index, device, phases)
+
+    # 4. train, phase by phase -------------------------------------------------------------------------------------
+    trainer = Trainer(model, loaders, phases, cfg, device, precision, tracker, out, resolved, on_validation, stop)
+    test, test_preds, counts = trainer.fit(state, resumed)
+
+    # 5. results and files -----------------------------------------------------------------------------------------
+    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
+    results: dict[str, float] = {
+        **test,
+        M.VAL_ACC: state.best.acc,
+        **M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC),
+        **state.phase_metrics,
+        "best_step": state.best.step,
+        "steps": state.step,
+        "epochs": sum(p.epochs for p in phases),
+        "train/seconds": state.seconds,  # in training steps, this process (validation and test excluded)
+        "train/examples_per_s": state.seen_here / state.seconds if state.seconds else float("nan"),
+        "data/n_train": len(train_split),
+        "data/n_val": len(val_split),
+        "data/n_test": len(test_split),
+        "data/n_test_evaluated": len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
+        "data/n_train_dropped": n_dropped,
+        **counts,
+    }
+    log.info(
+        "test/acc %.4f (prior %.4f), val/acc %.4f at step %d",
+        results[M.TEST_ACC],
+        results[M.TEST_PRIOR_ACC],
+        results[M.VAL_ACC],
+        state.best.step,
+    )
+    files = write_run_files(out, resolved, state.history, results, test_split, test_preds, labels.classes)
+    if t.save_checkpoint:
+        save_best(
+            out / "best.pt",
+            config=resolved,
+            state_dict=state.best.state,
+            frozen=sorted(set(PARTS) - state.trained_parts),
+            label_kind=labels.kind,
+            classes=labels.classes,
+            vision_source=backbone.vision_source,
+            text_source=backbone.text_source,
+            best_step=state.best.step,
+            metrics=json_safe(results),
+        )
+
+    # 6. tracking: final metrics (same names as metrics.json) and artifacts ----------------------------------------
+    tracker.log_metrics(results, state.step)
+    for f in files:
+        tracker.log_artifact(f)
+    if (out / ".hydra" / "overrides.yaml").is_file():
+        tracker.log_artifact(out / ".hydra" / "overrides.yaml", "hydra")
+    log_ckpt = cfg.tracking.log_checkpoint
+    if (not info.multirun if log_ckpt is None else log_ckpt) and (out / "best.pt").is_file():
+        tracker.log_artifact(out / "best.pt", "checkpoint")
+    return results
+
+
+def end_tracked_run(tracker: Tracker, error: BaseException, out: Path) -> None:
+    """End the tracked run as ``error`` ended training: KILLED for SIGTERM (tagged resumable), Ctrl-C or a pruned
+    Optuna trial (tagged ``clipqa.pruned``); FAILED, with the message, for anything else."""
+    if isinstance(error, Preempted):
+        tracker.set_tags({"clipqa.resumable": "true"})
+        tracker.finish("KILLED", error=str(error), run_dir=out)
+    elif isinstance(error, KeyboardInterrupt):
+        tracker.finish("KILLED", error="interrupted (KeyboardInterrupt)", run_dir=out)
+    elif type(error).__name__ == "TrialPruned":  # optuna's, without importing optuna here
+        tracker.set_tags({"clipqa.pruned": "true"})
+        tracker.finish("KILLED", error=f"pruned by Optuna: {error}", run_dir=out)
+    else:
+        tracker.finish("FAILED", error=f"{type(error).__name__}: {error}", run_dir=out)
+
+
+def previous_run_id(out: Path, cfg: DictConfig, resumed: dict | None) -> str | None:
+    """The MLflow run this run folder already has (a restart continues it: no duplicate runs), checkpoint or not."""
+    previous = resumed["mlflow_run_id"] if resumed else None
+    if previous is None and cfg.trainer.resume == "auto" and (out / RUN_ID_FILE).is_file():
+        previous = (out / RUN_ID_FILE).read_text().strip() or None
+    return previous
+
+
+def finished_metrics(out: Path, resolved: dict) -> dict | None:
+    """The metrics of a finished run of the same config in ``out`` (re-running a sweep skips finished jobs)."""
+    if not ((out / DONE_MARKER).is_file() and (out / "metrics.json").is_file() and (out / "config.yaml").is_file()):
+        return None
+    import yaml
+
+    if not same_run(yaml.safe_load((out / "config.yaml").read_text()), resolved):
+        return None
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail up front, naming the folder, if it cannot be created or written (permissions, a file in the way,
+    a full disk)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".clipqa-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ClipqaError(
+            f"Cannot write to {folder}, {what}: {e.strerror or e}. Point it at a writable folder."
+        ) from None
+
+
+def write_run_files(out: Path, resolved: dict, history, results, test: Split, preds, classes) -> list[Path]:
+    """config.yaml, history.jsonl, metrics.json, test_predictions.tsv and the curves; returns the files to log."""
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    with open(out / "history.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=2) + "\n")
+    write_predictions(out / "test_predictions.tsv", test, preds, classes)
+    curves = save_curves(history, out)
+    return [out / "config.yaml", out / "metrics.json", out / "test_predictions.tsv", *curves]
+
+
+def write_predictions(path: Path, split: Split, preds: dict[int, int], classes: list[str]) -> None:
+    """One row per test question (for error analysis); questions skipped for unreadable images are absent."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("image_id\ttype\tquestion\tanswer\tprediction\tcorrect\n")
+        for i, pred in sorted(preds.items()):
+            answer, guess, qtype = split.answers[i], classes[pred], M.TYPE_NAMES[split.types[i]]
+            f.write(f"{split.image_ids[i]}\t{qtype}\t{split.questions[i]}\t{answer}\t{guess}\t{int(answer == guess)}\n")
+
+
+def json_safe(d: dict) -> dict:
+    """NaN (a question type absent from a split) becomes null; everything else stays a number."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
