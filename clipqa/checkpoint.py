@@ -50,7 +50,9 @@ def read_best(path: str | Path, what: str) -> dict:
         raise ClipqaError(f"{what}: no such file {path}. Pass the best.pt of an earlier run.")
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ClipqaError(f"{what}: {path} is not a clipqa checkpoint (expected format {FORMAT}); pass a run's best.pt.")
+        raise ClipqaError(
+            f"{what}: {path} is not a clipqa checkpoint (expected format {FORMAT}); pass a run's best.pt."
+        )
     return ckpt
 
 

@@ -44,7 +44,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipqa.data import load_pixels
-from clipqa.errors import ClipqaError
 from clipqa.image_tokens import n_selected, select_tokens
 from clipqa.pretrained import n_image_tokens
 

@@ -97,7 +97,8 @@ class Trainer:
         if not mid_phase or self.optimizer is None:
             self.phase_optimizer(phase)
         if not mid_phase:
-            state.phase, state.epoch, state.batch, state.phase_start, state.phase_started = p_idx, 0, 0, state.step, True
+            state.phase, state.epoch, state.batch, state.phase_start = p_idx, 0, 0, state.step
+            state.phase_started = True
             state.best = Best(-1.0, state.step, trainable_state(self.model, state.trained_parts))
         self.model.train()
         return counts

@@ -92,7 +92,7 @@ class ClipQA(nn.Module):
         self.readout = readout
         self.image_tokens = image_tokens
         self.feature_dtype = feature_dtype
-        self.lean_text = True  # clipqa.packed_text for a DistilBERT; False runs its own forward (padding, all positions)
+        self.lean_text = True  # clipqa.packed_text for a DistilBERT; False: its own forward (padding, all positions)
         self.frozen: set[str] = set()  # set by clipqa.freeze.apply_freeze
 
     def train(self, mode: bool = True) -> ClipQA:
@@ -152,7 +152,7 @@ class ClipQA(nn.Module):
         self._encode_text = torch.compile(self._encode_text, dynamic=True)
 
     def _encode_text(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, at: int) -> torch.Tensor:
-        """DistilBERT over ``x (B, L, D)`` with padding ``mask (B, L)``; its last layer's output at ``at``: ``(B, D)``."""
+        """DistilBERT over ``x (B, L, D)`` with padding ``mask (B, L)``: its last layer's output at ``at``, (B, D)."""
         if self.lean_text and is_packable(self.text):
             return encode_packed(self.text, x, mask, positions, at)
         return self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state[:, at]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
-from clipqa.tracking import NOT_VARIANT_PREFIXES, PARENT_FILE, read_parent, resolve_uri
+from clipqa.tracking import NOT_VARIANT_PREFIXES, resolve_uri
 
 # CLIQQA (Abbo), Table 1: accuracy on 80 test questions (10 shuffled batches of 8).
 PAPER = {"V1": 0.288, "V2": 0.513, "V3": 0.550, "V4": 0.625}

@@ -4,10 +4,10 @@
 - Default store: ``sqlite:///<project folder>/mlflow.db`` (absolute, so every run of every sweep lands in one store
   whatever the working directory), artifacts in ``<project folder>/mlartifacts``. ``tracking.uri`` and
   ``tracking.experiment`` point at any tracking server; ``tracking=none`` turns tracking off.
-- A Hydra multirun gets a parent run (:class:`clipqa.sweep.MlflowSweepCallback`, registered in ``conf/config.yaml``) created in
-  the launching process before any job starts (which also initialises a fresh SQLite store once: two processes
-  creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib launcher), find it through a small
-  file in the sweep folder and nest under it (``mlflow.parentRunId``).
+- A Hydra multirun gets a parent run (:class:`clipqa.sweep.MlflowSweepCallback`, registered in
+  ``conf/config.yaml``) created in the launching process before any job starts (which also initialises a fresh
+  SQLite store once: two processes creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib
+  launcher), find it through a small file in the sweep folder and nest under it (``mlflow.parentRunId``).
 - ``mlflow`` is imported lazily, so ``tracking=none`` runs never pay for it.
 """
 

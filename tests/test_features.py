@@ -157,9 +157,9 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
     """Three sweep jobs start while a build holds the lock: all wait; then one encodes and the others reuse it."""
     from filelock import FileLock
 
+    from clipqa.build import images_of, load_data
     from clipqa.config import validate
     from clipqa.pretrained import load_backbone
-    from clipqa.build import images_of, load_data
 
     overrides = [o for o in TINY_RUN if not o.startswith(("trainer.", "tracking", "optimizer"))]
     overrides += [f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
@@ -177,7 +177,11 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
     logs = [tmp_path / f"job{i}.log" for i in range(3)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "clipqa.cli", "cache", *overrides], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "clipqa.cli", "cache", *overrides],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
         for f in (open(log, "w") for log in logs)
     ]

@@ -5,8 +5,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from clipqa.errors import ClipqaError
 from clipqa.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
+from clipqa.errors import ClipqaError
 from clipqa.freeze import apply_freeze, trainable_state
 from clipqa.model import ClipQA, MLPMapper
 from clipqa.pretrained import build_tiny, load_sources, n_image_tokens

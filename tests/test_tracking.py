@@ -9,8 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
 from clipqa.report import make_report, wilson
-from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
 from clipqa.run import train
+from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
 from tests.conftest import SMALL_DEMO, compose_cfg
 
 

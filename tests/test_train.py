@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipqa.build import keep_freed_memory
 from clipqa.checkpoint import load_checkpoint
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
-from clipqa.tracking import Tracker
-from clipqa.build import keep_freed_memory
 from clipqa.run import train
+from clipqa.tracking import Tracker
 from tests.conftest import SMALL_DEMO, compose_cfg
 from tests.handmade import make_cocoqa
 
@@ -47,8 +47,8 @@ def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(de
 
 
 def test_best_checkpoint_loads_without_hydra_and_reproduces_test_accuracy(demo_run):
-    from clipqa.data import Collator, LabelSpace, QADataset, index_images, read_split
     from clipqa.build import make_loader
+    from clipqa.data import Collator, LabelSpace, QADataset, index_images, read_split
     from clipqa.evaluation import evaluate
 
     _, out, metrics = demo_run
