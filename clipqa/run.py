@@ -129,24 +129,7 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
     test, test_preds, counts = trainer.fit(state, resumed)
 
     # 5. results and files -----------------------------------------------------------------------------------------
-    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
-    results: dict[str, float] = {
-        **test,
-        M.VAL_ACC: state.best.acc,
-        **M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC),
-        **state.phase_metrics,
-        "best_step": state.best.step,
-        "steps": state.step,
-        "epochs": sum(p.epochs for p in phases),
-        "train/seconds": state.seconds,  # in training steps, this process (validation and test excluded)
-        "train/examples_per_s": state.seen_here / state.seconds if state.seconds else float("nan"),
-        "data/n_train": len(train_split),
-        "data/n_val": len(val_split),
-        "data/n_test": len(test_split),
-        "data/n_test_evaluated": len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
-        "data/n_train_dropped": n_dropped,
-        **counts,
-    }
+    results = collect_results(test, test_preds, counts, state, prior, splits, n_dropped, phases)
     log.info(
         "test/acc %.4f (prior %.4f), val/acc %.4f at step %d",
         results[M.TEST_ACC],
@@ -179,6 +162,29 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
     if (not info.multirun if log_ckpt is None else log_ckpt) and (out / "best.pt").is_file():
         tracker.log_artifact(out / "best.pt", "checkpoint")
     return results
+
+
+def collect_results(test, test_preds, counts, state: TrainState, prior, splits, n_dropped, phases) -> dict:
+    """metrics.json: the last phase's test metrics beside the answer prior, earlier phases, counts and timing."""
+    train_split, val_split, test_split = splits
+    prior_correct = [prior.get(q, None) == a for q, a in zip(test_split.types, test_split.answers, strict=True)]
+    return {
+        **test,
+        M.VAL_ACC: state.best.acc,
+        **M.accuracy_by_type(prior_correct, test_split.types, M.TEST_PRIOR_ACC),
+        **state.phase_metrics,
+        "best_step": state.best.step,
+        "steps": state.step,
+        "epochs": sum(p.epochs for p in phases),
+        "train/seconds": state.seconds,  # in training steps, this process (validation and test excluded)
+        "train/examples_per_s": state.seen_here / state.seconds if state.seconds else float("nan"),
+        "data/n_train": len(train_split),
+        "data/n_val": len(val_split),
+        "data/n_test": len(test_split),
+        "data/n_test_evaluated": len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
+        "data/n_train_dropped": n_dropped,
+        **counts,
+    }
 
 
 def end_tracked_run(tracker: Tracker, error: BaseException, out: Path) -> None:

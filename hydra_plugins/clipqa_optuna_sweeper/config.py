@@ -1,4 +1,8 @@
-"""The sweeper's config schema (``hydra/sweeper: clipqa_optuna``); values are set in sweeps/optuna.yaml."""
+"""The sweeper's config schema (``hydra/sweeper: clipqa_optuna``) and its defaults, the one place they are set.
+
+sweeps/optuna.yaml sets only the search space (``params``); change a default here, or per run on the command line
+(``hydra.sweeper.n_trials=30``).
+"""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +31,7 @@ class ClipqaOptunaSweeperConf:
     direction: str = "maximize"  # the objective is train.py's return value: val/acc
     n_trials: int = 20  # total over the study, finished trials of earlier runs included
     n_jobs: int = 1  # trials launched at once (use hydra/launcher=joblib to run them in parallel)
-    storage: Any = None  # Optuna storage URL; None: sqlite:///<project folder>/optuna.db
+    storage: Any = None  # Optuna storage URL; None: sqlite:///<project folder>/optuna.db; journal:///PATH.log, ...
     study_name: str = "clipqa"
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
