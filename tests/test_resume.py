@@ -37,6 +37,26 @@ def test_a_crashed_run_resumes_from_its_checkpoint_with_identical_metrics(tmp_pa
     assert train(cfg, tmp_path / "run") == pytest.approx(resumed, nan_ok=True)
 
 
+@pytest.mark.slow
+def test_a_staged_run_resumed_at_the_phase_boundary_ends_with_the_uninterrupted_metrics(tmp_path, cache_dir):
+    """The checkpoint between two phases resumes into the next phase as set up by an uninterrupted run: its
+    freeze policy, a fresh optimizer over the newly unfrozen text model at its own learning rate, a fresh best."""
+    cfg = compose_cfg([*RUN, "freeze=staged", "trainer.checkpoint_every=1000"], cache_dir)
+    reference = train(cfg, tmp_path / "reference")
+    steps_per_epoch = reference["steps"] // 2
+
+    def crash_in_the_second_phase(val_acc, step):
+        if step > steps_per_epoch:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, tmp_path / "run", on_validation=crash_in_the_second_phase)
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1]
+    assert newest.name == f"step_{steps_per_epoch:08d}.pt"  # the boundary: the first phase done, the second not begun
+    resumed = train(cfg, tmp_path / "run")
+    assert same(resumed, reference), {k: (resumed[k], reference[k]) for k in reference if resumed[k] != reference[k]}
+
+
 def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path, cache_dir):
     def stop(val_acc, step):
         raise RuntimeError("stop")
