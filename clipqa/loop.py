@@ -92,11 +92,10 @@ class Trainer:
             f"{counts['params/trainable']:,}",
             p_idx,
         )
-        if resumed is not None and resumed["optimizer"] is not None:
-            self.restore_optimizer(resumed, phase)
-        if not mid_phase or self.optimizer is None:
+        if resumed is not None:
+            self.restore_optimizer(resumed, phase)  # mid-phase: as it was; at a phase boundary: the previous phase's
+        if not mid_phase:  # the phase begins: its optimizer, its position, a fresh best
             self.phase_optimizer(phase)
-        if not mid_phase:
             state.phase, state.epoch, state.batch, state.phase_start = p_idx, 0, 0, state.step
             state.phase_started = True
             state.best = Best(-1.0, state.step, trainable_state(self.model, state.trained_parts))
@@ -277,6 +276,8 @@ class Trainer:
 
     def restore_optimizer(self, resumed: dict, phase: Phase) -> None:
         """The checkpoint's optimizer: the same parameter groups, then its state (learning rates included)."""
+        if resumed["optimizer"] is None:  # a checkpoint from before the first step
+            return
         groups = [[self.params_by_name[n] for n in g] for g in resumed["optimizer_groups"]]
         self.optimizer = build_optimizer(self.ocfg, groups[0], lr=phase.lr)
         for g in groups[1:]:
