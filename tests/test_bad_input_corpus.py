@@ -13,7 +13,7 @@ from PIL import Image
 from clipqa.data import read_split
 from clipqa.errors import ClipqaError
 from clipqa.run import train
-from tests.conftest import compose_cfg
+from tests.conftest import SMALL_DEMO, compose_cfg
 from tests.handmade import make_cocoqa
 
 
@@ -167,7 +167,7 @@ def test_unwritable_output_or_cache_folder_fails_up_front_naming_it(which, tmp_p
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     bad = blocker / "sub"
-    cfg = compose_cfg(["experiment=demo", "tracking=none"], bad if which == "cache-folder" else cache_dir)
+    cfg = compose_cfg(SMALL_DEMO, bad if which == "cache-folder" else cache_dir)
     with pytest.raises(ClipqaError) as e:
         train(cfg, bad if which == "run-folder" else tmp_path / "run")
     assert str(bad) in str(e.value)

@@ -1,25 +1,10 @@
 """`python train.py ...` as a user runs it: bad input ends with one clear paragraph and exit status 2."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, SMALL_DEMO
-
-
-def run_cli(*args: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.conftest import SMALL_DEMO, run_cli
 
 
 @pytest.mark.parametrize(

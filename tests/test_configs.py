@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
 from clipqa.config import validate
 from clipqa.errors import ClipqaError
@@ -20,8 +21,33 @@ def test_every_config_file_composes_and_validates(path: Path):
     if group == "data" and name == "cocoqa":
         overrides += ["data.root=x", "data.image_root=y"]
     cfg = validate(compose_cfg(overrides))
-    assert cfg.trainer.batch_size > 0
     assert path.read_text().startswith("#"), f"{path} needs a header comment: what it is for and the command"
+    # The file's own values are what the run gets: none dropped, renamed, moved or overridden by its defaults.
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    own.pop("defaults", None)
+    package = "" if path.read_text().startswith("# @package _global_") else group
+    on_command_line = {o.lstrip("+").split("=", 1)[0] for o in overrides[1:]}
+    assert_has_values(cfg, own, package, on_command_line)
+
+
+def assert_has_values(cfg, expected, where: str, skip: set[str]) -> None:
+    """Every leaf of ``expected`` is in ``cfg`` at ``where`` + its key path with that value (lists item by item)."""
+    if where in skip:
+        return
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert_has_values(cfg, value, f"{where}.{key}" if where else str(key), skip)
+    elif isinstance(expected, list):
+        got = OmegaConf.select(cfg, where, throw_on_missing=True)
+        assert got is not None and len(got) == len(expected), (where, got, expected)
+        for i, item in enumerate(expected):
+            assert_has_values(cfg, item, f"{where}[{i}]", skip)
+    else:
+        marker = object()
+        got = OmegaConf.select(cfg, where, default=marker, throw_on_missing=True)
+        assert got is not marker, f"{where} is set in the file but missing from the composed config"
+        if not (isinstance(expected, str) and "${" in expected):  # an interpolation: resolved by validate
+            assert got == expected, f"{where}: the file sets {expected!r}, the composed config has {got!r}"
 
 
 def test_main_config_is_the_paper_setup():

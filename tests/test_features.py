@@ -15,7 +15,7 @@ from clipqa import cli, features
 from clipqa.errors import ClipqaError
 from clipqa.image_tokens import select_tokens
 from clipqa.run import train
-from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
+from tests.conftest import ROOT, SMALL_DEMO, check_test_metrics, compose_cfg
 
 # A smaller demo still: the cache tests train twice or start several processes.
 TINY_RUN = [*SMALL_DEMO, "data.synthetic.n_train=600", "data.synthetic.n_test=100"]
@@ -161,8 +161,7 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
     from clipqa.config import validate
     from clipqa.pretrained import load_backbone
 
-    overrides = [o for o in TINY_RUN if not o.startswith(("trainer.", "tracking", "optimizer"))]
-    overrides += [f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
+    overrides = [*TINY_RUN, f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
     cfg = validate(compose_cfg(overrides, cache_dir))
     train_split, val_split, test_split, index = load_data(cfg)  # also builds the demo data and tiny backbone
     b = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
@@ -232,8 +231,8 @@ def test_clipqa_cache_refuses_a_config_that_trains_the_vision_tower(tmp_path, ca
 def test_fewer_image_tokens_train_and_shrink_the_cache(tokens, tmp_path, cache_dir):
     folder = tmp_path / "features"
     cfg = compose_cfg([*TINY_RUN, tokens, "trainer.max_steps=5", f"features.dir={folder}"], cache_dir)
-    metrics = train(cfg, tmp_path / "run")
-    assert 0 <= metrics["test/acc"] <= 1
+    train(cfg, tmp_path / "run")
+    check_test_metrics(tmp_path / "run")  # trained and tested on the fewer tokens: its numbers add up
     (store,) = [d for d in folder.iterdir() if d.is_dir()]
     n_tokens = json.loads((store / "index.json").read_text())["description"]["image_tokens"]
     assert features.FeatureStore(store).shape[0] == (1 if tokens.endswith("cls") else 4), n_tokens

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SMALL_DEMO, run_cli
 from tests.mlflow_server import free_port, start_server, stop
-from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +33,12 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
     from playwright.sync_api import sync_playwright
 
     db = f"sqlite:///{tmp_path / 'm.db'}"
-    small = [
-        "data.synthetic.n_train=600",
-        "data.synthetic.n_test=100",
-        "data.synthetic.image_size=64",
-        "trainer.max_steps=4",
-        "trainer.num_workers=0",
-    ]
+    small = [*SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=600", "data.synthetic.n_test=100"]
     r = run_cli(
         "-m",
-        "experiment=demo",
-        "mapper.num_layers=0,1",
         *small,
+        "trainer.max_steps=4",
+        "mapper.num_layers=0,1",
         f"tracking.uri={db}",
         "tracking.experiment=ui",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",

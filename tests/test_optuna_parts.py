@@ -49,7 +49,8 @@ def sweeper(**kw):
             **kw.pop("pruner", {}),
         }
     )
-    return ClipqaOptunaSweeper("maximize", 4, 1, None, "s", sampler, pruner, {"mapper.num_layers": "range(0, 3)"})
+    params = kw.pop("params", {"mapper.num_layers": "range(0, 3)"})
+    return ClipqaOptunaSweeper("maximize", 4, 1, None, "s", sampler, pruner, params)
 
 
 @pytest.mark.parametrize(
@@ -59,11 +60,37 @@ def test_pruners_are_selectable(name, cls):
     assert type(sweeper(pruner={"name": name})._pruner()).__name__ == cls
 
 
+def sampled(name: str, seed: int, n: int, n_existing: int = 0) -> list[dict]:
+    """The first n parameter sets the sweeper's sampler (hydra.sweeper.sampler.seed=seed) asks on a fresh study."""
+    params = {"mapper.num_layers": "range(0, 4)", "optimizer": "choice(adam, adamw, sgd)"}  # a 12-point grid
+    if name != "grid":
+        params["optimizer.lr"] = "tag(log, interval(1e-5, 1e-2))"
+    s = sweeper(sampler={"name": name, "seed": seed}, params=params)
+    space, _ = s._space([])
+    study = optuna.create_study(sampler=s._sampler(n_existing, space), direction="maximize")
+    asked = []
+    for i in range(n):
+        trial = study.ask(space)
+        asked.append(trial.params)
+        if i < n - 1:  # the last one stays running: a finished grid would stop the study
+            study.tell(trial, 0.0)
+    return asked
+
+
 @pytest.mark.parametrize("name, cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("grid", "GridSampler")])
 def test_samplers_are_selectable_and_seeded(name, cls):
     s = sweeper(sampler={"name": name})
     space, _ = s._space([])
     assert type(s._sampler(0, space)).__name__ == cls
+    n = 12 if name == "grid" else 3  # grid: its whole (seeded) order; tpe: its random start-up trials
+    first = sampled(name, seed=1, n=n)
+    assert sampled(name, seed=1, n=n) == first  # the same seed asks the same values in the same order
+    assert sampled(name, seed=2, n=n) != first  # another seed, other values (grid: the same points, reordered)
+    if name == "grid":  # every point once, in either order
+        points = sorted(map(str, first))
+        assert len(set(points)) == 12 and sorted(map(str, sampled(name, seed=2, n=n))) == points
+    else:  # a resumed study (2 trials already in it) does not replay the start-up trials of the first run
+        assert sampled(name, seed=1, n=n, n_existing=2) != first
 
 
 def test_command_line_sweeps_join_and_plain_values_leave_the_space():

@@ -12,17 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from clipqa.config import validate
 from clipqa.schedule import resolve_phases
-from tests.conftest import CONF, ROOT
-from tests.test_cli import run_cli
+from tests.conftest import CONF, ROOT, SMALL_DEMO, run_cli
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
-TINY = [
-    "experiment=demo",
-    "data.synthetic.n_train=300",
-    "data.synthetic.n_test=60",
-    "data.synthetic.image_size=64",
-    "trainer.num_workers=0",
-]
+# The small demo, smaller still (every sweep job trains), tracked: the sweeps' reports read MLflow.
+TINY = [*SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=300", "data.synthetic.n_test=60"]
 
 
 def compose_sweep(name: str, overrides: list[str]):
