@@ -153,6 +153,7 @@ def test_an_unreadable_image_fails_the_build_naming_file_and_question(tmp_path, 
     assert 2 not in store and 1 in store and set(store.bad) == {2}
 
 
+@pytest.mark.slow
 def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir):
     """Three sweep jobs start while a build holds the lock: all wait; then one encodes and the others reuse it."""
     from filelock import FileLock
