@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipqa import metrics as M
+from clipqa.data import Split
 from clipqa.model import ClipQA
 
 
@@ -69,3 +72,17 @@ def evaluate(
     out = M.accuracy_by_type(correct, types, f"{split}/acc")
     out[f"{split}/loss"] = loss_sum / loss_n if loss_n else float("nan")
     return out, preds
+
+
+def write_predictions(path: Path, split: Split, preds: dict[int, int], classes: list[str]) -> None:
+    """One row per test question (for error analysis); questions skipped for unreadable images are absent."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("image_id\ttype\tquestion\tanswer\tprediction\tcorrect\n")
+        for i, pred in sorted(preds.items()):
+            answer, guess, qtype = split.answers[i], classes[pred], M.TYPE_NAMES[split.types[i]]
+            f.write(f"{split.image_ids[i]}\t{qtype}\t{split.questions[i]}\t{answer}\t{guess}\t{int(answer == guess)}\n")
+
+
+def json_safe(d: dict) -> dict:
+    """NaN (a question type absent from a split) becomes null; everything else stays a number."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from clipqa.build import (
 from clipqa.checkpoint import latest_resume, load_init, same_run, save_best
 from clipqa.config import is_validated, validate
 from clipqa.data import Split
+from clipqa.evaluation import json_safe, write_predictions
 from clipqa.errors import ClipqaError, Preempted
 from clipqa.loop import Trainer
 from clipqa.plots import save_curves
@@ -246,17 +246,3 @@ def write_run_files(out: Path, resolved: dict, history, results, test: Split, pr
     write_predictions(out / "test_predictions.tsv", test, preds, classes)
     curves = save_curves(history, out)
     return [out / "config.yaml", out / "metrics.json", out / "test_predictions.tsv", *curves]
-
-
-def write_predictions(path: Path, split: Split, preds: dict[int, int], classes: list[str]) -> None:
-    """One row per test question (for error analysis); questions skipped for unreadable images are absent."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("image_id\ttype\tquestion\tanswer\tprediction\tcorrect\n")
-        for i, pred in sorted(preds.items()):
-            answer, guess, qtype = split.answers[i], classes[pred], M.TYPE_NAMES[split.types[i]]
-            f.write(f"{split.image_ids[i]}\t{qtype}\t{split.questions[i]}\t{answer}\t{guess}\t{int(answer == guess)}\n")
-
-
-def json_safe(d: dict) -> dict:
-    """NaN (a question type absent from a split) becomes null; everything else stays a number."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
