@@ -34,8 +34,8 @@ from clipqa.build import (
 from clipqa.checkpoint import latest_resume, load_init, same_run, save_best
 from clipqa.config import is_validated, validate
 from clipqa.data import Split
-from clipqa.evaluation import json_safe, write_predictions
 from clipqa.errors import ClipqaError, Preempted
+from clipqa.evaluation import json_safe, write_predictions
 from clipqa.loop import Trainer
 from clipqa.plots import save_curves
 from clipqa.pretrained import load_backbone
