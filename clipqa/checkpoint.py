@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -35,6 +36,35 @@ FORMAT = "clipqa-checkpoint-v1"
 RESUME_FORMAT = "clipqa-resume-v1"
 
 
+# ---- loading: tensors and plain containers only ----------------------------------------------------------------
+def safe_load(path: str | Path, what: str) -> dict:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, never arbitrary Python objects.
+
+    Why: a checkpoint from a shared artifact store or a colleague's folder could otherwise run code while it is
+    unpickled. Everything clipqa writes (best.pt, resume checkpoints) is tensors, numbers, strings, lists and dicts,
+    so it loads this way. A file that needs more is refused, naming it; so is an unreadable one.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ClipqaError(f"{what}: {path} is not a readable checkpoint ({str(e).splitlines()[0]}).") from None
+        raise ClipqaError(
+            f"{what}: refusing to load {path}: it holds Python objects beyond tensors and plain containers, and "
+            "loading them would run code from the file. clipqa never writes such files; this one was made by "
+            "something else or altered. Use a best.pt written by a clipqa run you trust."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClipqaError(
+            f"{what}: {path} is not a readable checkpoint ({type(e).__name__}: {first}); the file is damaged or of "
+            "another kind. Pass the best.pt of a finished clipqa run."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ClipqaError(f"{what}: {path} is not a clipqa checkpoint (a {type(ckpt).__name__}, not a dict).")
+    return ckpt
+
+
 # ---- best.pt ----------------------------------------------------------------------------------------------------
 def save_best(path: Path, **fields) -> None:
     """Write ``best.pt`` atomically (temp file, then rename): ``fields`` plus the format tag."""
@@ -48,8 +78,8 @@ def read_best(path: str | Path, what: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ClipqaError(f"{what}: no such file {path}. Pass the best.pt of an earlier run.")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    ckpt = safe_load(p, what)
+    if ckpt.get("format") != FORMAT:
         raise ClipqaError(
             f"{what}: {path} is not a clipqa checkpoint (expected format {FORMAT}); pass a run's best.pt."
         )
@@ -114,9 +144,11 @@ def latest_resume(out: Path, resolved_config: dict) -> dict | None:
     folder = checkpoint_dir(out)
     for path in sorted(folder.glob("step_*.pt"), reverse=True) if folder.is_dir() else []:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a torn file cannot happen (atomic rename), but a damaged disk can
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, e)
+            state = safe_load(path, "resume (trainer.resume=auto)")
+        except ClipqaError as e:
+            if "refusing" in str(e):  # not a damaged file but one that would run code: stop, do not skip it
+                raise
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, e)  # a damaged disk (writes are atomic)
             continue
         if state.get("format") != RESUME_FORMAT:
             continue

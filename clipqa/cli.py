@@ -104,14 +104,18 @@ def report(argv: list[str] | None = None) -> None:
 
 def sync(argv: list[str] | None = None) -> None:
     """``clipqa-sync RUN_FOLDER``: upload the MLflow writes a run could not make while the server was away."""
+    from clipqa.tracking import PENDING_FILE
     from clipqa.tracking import sync as upload
 
     p = argparse.ArgumentParser(prog="clipqa-sync", description=sync.__doc__.split(": ", 1)[1])
-    p.add_argument("run_folder", help="the run's output folder (holds mlflow_pending.pkl)")
+    p.add_argument("run_folder", help=f"the run's output folder (holds {PENDING_FILE})")
     a = p.parse_args(argv)
-    if not (Path(a.run_folder) / "mlflow_pending.pkl").is_file():
-        _fail("clipqa-sync", f"{Path(a.run_folder) / 'mlflow_pending.pkl'} not found: nothing to upload.")
-    print(f"uploaded {upload(a.run_folder)} MLflow writes from {a.run_folder}")
+    if not (Path(a.run_folder) / PENDING_FILE).is_file():
+        _fail("clipqa-sync", f"{Path(a.run_folder) / PENDING_FILE} not found: nothing to upload.")
+    try:
+        print(f"uploaded {upload(a.run_folder)} MLflow writes from {a.run_folder}")
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        _fail("clipqa-sync", f"{Path(a.run_folder) / PENDING_FILE} is not a pending-writes file ({e}).")
 
 
 def demo_data(argv: list[str] | None = None) -> None:

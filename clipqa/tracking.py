@@ -154,7 +154,7 @@ class MlflowTracker(Tracker):
 
     Tracking faults never stop training: a write that fails (server down, database locked) is queued, a warning
     says what was not logged, and the queue is replayed in order at the next write once the server answers again,
-    and at the end of the run. What still cannot be written then is kept in ``<run folder>/mlflow_pending.pkl`` and
+    and at the end of the run. What still cannot be written then is kept in ``<run folder>/mlflow_pending.json`` and
     uploaded later with ``clipqa-sync <run folder>``.
     """
 
@@ -224,10 +224,8 @@ class MlflowTracker(Tracker):
             time.sleep(self.RETRY_AFTER_S)
             self._flush()
         if self.pending and run_dir is not None:
-            import pickle
-
-            with open(run_dir / "mlflow_pending.pkl", "wb") as f:
-                pickle.dump({"uri": self.uri, "ops": self.pending}, f)
+            ops = [encode_op(method, args, kwargs) for method, args, kwargs in self.pending]
+            (run_dir / PENDING_FILE).write_text(json.dumps({"uri": without_credentials(self.uri), "ops": ops}))
             log.warning(
                 "%d MLflow writes could not be made; upload them later with: clipqa-sync %s",
                 len(self.pending),
@@ -294,19 +292,55 @@ def _ctrl_c_after():
             os.kill(os.getpid(), signal.SIGINT)  # the operating system's default: end the process
 
 
-def sync(run_dir: str | Path) -> int:
-    """Upload the MLflow writes a run could not make (``mlflow_pending.pkl``); return how many were made."""
-    import pickle
+PENDING_FILE = "mlflow_pending.json"  # MLflow writes a run could not make; plain JSON, uploaded by clipqa-sync
+QUEUEABLE = ("log_batch", "log_artifact", "set_terminated")  # the only client methods a pending file may name
 
+
+def without_credentials(uri: str) -> str:
+    """``http://user:secret@host`` -> ``http://host``: credentials come from the environment, never from files."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def encode_op(method: str, args: tuple, kwargs: dict) -> dict:
+    """A queued MLflow write as JSON: entity lists (Param, Metric, RunTag) become lists of their fields."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("params", "metrics", "tags")}
+    kw["params"] = [[p.key, p.value] for p in kwargs.get("params") or []]
+    kw["metrics"] = [[m.key, m.value, m.timestamp, m.step] for m in kwargs.get("metrics") or []]
+    kw["tags"] = [[t.key, t.value] for t in kwargs.get("tags") or []]
+    return {"method": method, "args": list(args), "kwargs": kw}
+
+
+def decode_op(op: dict) -> tuple[str, list, dict]:
+    from mlflow.entities import Metric, Param, RunTag
+
+    if op.get("method") not in QUEUEABLE:
+        raise ValueError(f"unknown MLflow write {op.get('method')!r} (expected one of {', '.join(QUEUEABLE)})")
+    kw = dict(op["kwargs"])
+    params, metrics, tags = kw.pop("params", []), kw.pop("metrics", []), kw.pop("tags", [])
+    if op["method"] == "log_batch":
+        kw.update(
+            params=[Param(*p) for p in params], metrics=[Metric(*m) for m in metrics], tags=[RunTag(*t) for t in tags]
+        )
+    return op["method"], op["args"], kw
+
+
+def sync(run_dir: str | Path) -> int:
+    """Upload the MLflow writes a run could not make (``mlflow_pending.json``); return how many were made."""
     from mlflow.tracking import MlflowClient
 
-    path = Path(run_dir) / "mlflow_pending.pkl"
-    data = pickle.loads(path.read_bytes())
+    path = Path(run_dir) / PENDING_FILE
+    data = json.loads(path.read_text())
     client = MlflowClient(tracking_uri=data["uri"])
-    for method, args, kwargs in data["ops"]:
+    ops = [decode_op(op) for op in data["ops"]]
+    for method, args, kwargs in ops:
         getattr(client, method)(*args, **kwargs)
     path.unlink()
-    return len(data["ops"])
+    return len(ops)
 
 
 def make_tracker(cfg: DictConfig, info: RunInfo, run_id: str | None = None) -> Tracker:

@@ -60,6 +60,6 @@ def test_training_survives_a_tracking_server_restart_and_the_run_gets_its_final_
         run = MlflowClient(uri).get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
-        assert not (tmp_path / "run" / "mlflow_pending.pkl").exists()
+        assert not (tmp_path / "run" / "mlflow_pending.json").exists()
     finally:
         stop(server)
