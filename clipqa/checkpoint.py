@@ -29,6 +29,7 @@ from clipqa.errors import ClipqaError
 from clipqa.freeze import PARTS, apply_freeze
 from clipqa.model import ClipQA
 from clipqa.pretrained import Backbone, load_sources
+from clipqa.schedule import resolve_phases
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,28 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Raises ClipqaError when the file is not a clipqa checkpoint or its backbone sources cannot be loaded.
     """
-    ckpt = read_best(path, "load_checkpoint")
+    model, backbone, ckpt = restore_model(path, device)
+    return model, backbone, list(ckpt["classes"])
+
+
+def restore_model(
+    path: str | Path, device: str | torch.device = "cpu", sources: tuple[str, str] | None = None
+) -> tuple[ClipQA, Backbone, dict]:
+    """The trained model (eval mode), its backbone, and the checkpoint's contents.
+
+    ``sources``: (vision, text) folders to load the pretrained parts from instead of the recorded ones (an MLflow
+    model carries copies of local backbone folders).
+    """
+    ckpt = read_best(path, "checkpoint")
     cfg = OmegaConf.create(ckpt["config"])
-    backbone = load_sources(ckpt["vision_source"], ckpt["text_source"])
+    backbone = load_sources(*(sources or (ckpt["vision_source"], ckpt["text_source"])))
     model = build_model(cfg, backbone, len(ckpt["classes"]))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     trained = tuple(f"{n}." for n in PARTS if n not in ckpt["frozen"])
     if unexpected or any(k.startswith(trained) for k in missing):
         raise ClipqaError(f"{path} does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
-    apply_freeze(model, vision=cfg.freeze.vision, text=cfg.freeze.text, mapper=cfg.freeze.mapper)
-    return model.to(device).eval(), backbone, list(ckpt["classes"])
+    apply_freeze(model, **resolve_phases(cfg)[-1].freeze)  # as in the run's last phase, which tested these weights
+    return model.to(device).eval(), backbone, ckpt
 
 
 def load_init(model: ClipQA, path: str) -> set[str]:

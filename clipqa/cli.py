@@ -1,12 +1,15 @@
-"""The command-line tools besides ``train.py``: ``clipqa-cache``, ``clipqa-report``, ``clipqa-sync`` and
-``clipqa-demo-data``. Each prints a user-fixable problem as one ``<tool>: error: ...`` line and exits with status 2.
+"""The command-line tools besides ``train.py``: ``clipqa-cache``, ``clipqa-report``, ``clipqa-eval``,
+``clipqa-predict``, ``clipqa-sync`` and ``clipqa-demo-data``. Each prints a user-fixable problem as one
+``<tool>: error: ...`` line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,6 +121,100 @@ def sync(argv: list[str] | None = None) -> None:
         _fail("clipqa-sync", f"{Path(a.run_folder) / PENDING_FILE} is not a pending-writes file ({e}).")
 
 
+def evaluate(argv: list[str] | None = None) -> None:
+    """``clipqa-eval CHECKPOINT``: re-score a trained model on a split; writes metrics.json and the predictions."""
+    p = argparse.ArgumentParser(
+        prog="clipqa-eval",
+        description="Evaluate a trained model on every question of a split: accuracy per COCO-QA type, loss, the "
+        "answer prior; writes metrics.json and <split>_predictions.tsv.",
+        epilog="CHECKPOINT: a best.pt, a run folder, runs:/<run_id> or models:/<name>/<version>",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--data-root", default=None, help="another COCO-QA-format folder (default: the run's data)")
+    p.add_argument("--image-root", default=None, help="its COCO images (train2014/, val2014/)")
+    p.add_argument("--out", default=None, help="output folder (default: eval-<split> beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's trainer.eval_batch_size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ (default: the project's)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from clipqa.inference import evaluate_checkpoint, find_checkpoint, load_trained, write_evaluation
+
+    if a.batch_size is not None and a.batch_size <= 0:
+        _fail("clipqa-eval", f"--batch-size {a.batch_size}: pass a positive number.")
+    try:
+        with tempfile.TemporaryDirectory(prefix="clipqa-eval-") as tmp:
+            path = find_checkpoint(a.checkpoint, a.tracking_uri, Path(tmp))
+            trained = load_trained(path, a.device)
+            metrics, chosen, preds = evaluate_checkpoint(trained, a.split, a.data_root, a.image_root, a.batch_size)
+            remote = a.checkpoint.startswith(("runs:/", "models:/"))
+            out = Path(a.out) if a.out else (Path("eval") if remote else path.parent) / f"eval-{a.split}"
+            files = write_evaluation(out, a.split, metrics, chosen, preds, trained.labels.classes)
+    except ClipqaError as e:
+        _fail("clipqa-eval", str(e))
+    shown = {k: v for k, v in metrics.items() if k.startswith(f"{a.split}/")}
+    print("\n".join(f"{k:28s} {v:.4f}" for k, v in shown.items() if v == v))
+    print(f"{len(preds)} of {len(chosen)} questions evaluated; wrote {files[0]} and {files[1]}")
+
+
+def predict(argv: list[str] | None = None) -> None:
+    """``clipqa-predict CHECKPOINT --image PATH --question TEXT``: the top-k answers with their probabilities."""
+    p = argparse.ArgumentParser(
+        prog="clipqa-predict",
+        description="Answer questions about pictures with a trained model: the top-k answers and probabilities.",
+        epilog="CHECKPOINT: a best.pt, a run folder, runs:/<run_id> or models:/<name>/<version>",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--image", default=None, help="the picture the --question(s) ask about")
+    p.add_argument("--question", action="append", default=[], help="a question (repeat for several)")
+    p.add_argument("--questions", default=None, help="a file of IMAGE<TAB>QUESTION lines")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per question, for scripts")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ (default: the project's)")
+    a = p.parse_args(argv)
+    items = [(a.image, q) for q in a.question]
+    if a.question and not a.image:
+        _fail("clipqa-predict", "--question needs --image (the picture it asks about).")
+    if a.questions:
+        items += _read_questions(a.questions)
+    if not items:
+        _fail("clipqa-predict", "nothing to answer: pass --image PATH --question TEXT, or --questions FILE.")
+    if a.top_k < 1:
+        _fail("clipqa-predict", f"--top-k {a.top_k}: pass 1 or more.")
+    from clipqa.inference import answer, find_checkpoint, load_trained
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="clipqa-predict-") as tmp:
+            trained = load_trained(find_checkpoint(a.checkpoint, a.tracking_uri, Path(tmp)), a.device)
+            results = answer(trained, items, a.top_k)
+    except ClipqaError as e:
+        _fail("clipqa-predict", str(e))
+    for (image, question), top in zip(items, results, strict=True):
+        if a.json:
+            answers = [{"answer": ans, "probability": prob} for ans, prob in top]
+            print(json.dumps({"image": str(image), "question": question, "answers": answers}))
+        else:
+            print(f"{image}: {question}")
+            print("\n".join(f"  {prob:6.1%}  {ans}" for ans, prob in top))
+
+
+def _read_questions(path: str) -> list[tuple[str, str]]:
+    file = Path(path)
+    if not file.is_file():
+        _fail("clipqa-predict", f"--questions {path}: no such file.")
+    items = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        image, tab, question = line.partition("\t")
+        if not tab or not question.strip():
+            _fail("clipqa-predict", f"{path} line {n}: expected IMAGE<TAB>QUESTION, got {line[:80]!r}.")
+        items.append((image.strip(), question.strip()))
+    return items
+
+
 def demo_data(argv: list[str] | None = None) -> None:
     """``clipqa-demo-data --out DIR``: write the synthetic COCO-QA-format demo dataset to a folder."""
     from clipqa.demo_data import generate
@@ -137,7 +234,14 @@ def demo_data(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # python -m clipqa.cli {cache,report,sync,demo-data} ...
-    tools = {"cache": cache, "report": report, "sync": sync, "demo-data": demo_data}
+    tools = {
+        "cache": cache,
+        "report": report,
+        "sync": sync,
+        "demo-data": demo_data,
+        "eval": evaluate,
+        "predict": predict,
+    }
     if len(sys.argv) < 2 or sys.argv[1] not in tools:
         _fail("python -m clipqa.cli", f"name a tool: {', '.join(tools)}")
     tools[sys.argv[1]](sys.argv[2:])
