@@ -212,36 +212,49 @@ def build_loaders(
     device: torch.device,
     phases: list[Phase],
 ) -> Loaders:
-    """Loaders over ``splits`` (train, val, test): cached features when no phase trains the vision tower (then CLIP
-    runs once per image, ever), else images decoded and pre-processed in DataLoader workers."""
+    """Loaders over ``splits`` (train, val, test): cached features when no phase trains the vision tower, else
+    images decoded and pre-processed in DataLoader workers."""
     t, (train, val, test) = cfg.trainer, splits
-    store = None
-    if cfg.features.cache and all(p.freeze["vision"] for p in phases):
-        store = feature_store(cfg, backbone, splits, index, device)
-    elif cfg.features.cache:
-        log.info("feature cache bypassed: a phase trains the vision tower <freeze.vision / trainer.phases>")
+    store = cached_store(cfg, backbone, splits, index, device, phases)
     # Worker processes pay off while they decode JPEGs; a cached row is one ~microsecond read, and workers would only
     # compete with the training threads for the cores (measured: a few % slower on 2 CPU cores, and a ~1 s start).
     workers = t.num_workers if t.num_workers is not None else (0 if store is not None else 2)
     log.info("data loading: %d worker processes <trainer.num_workers=%s>", workers, t.num_workers)
-    collate = Collator(backbone.tokenizer, cfg.backbone.image_position_offset)  # questions stay below image positions
     pin = device.type == "cuda"
-
-    def loader(split: Split, y: list[int], sampler, batch_size: int) -> DataLoader:
-        if store is not None:
-            ds = FeatureDataset(split, y, store)
-        else:
-            ds = QADataset(split, y, index, backbone.image_processor, cfg.data.on_bad_image)
-        return make_loader(ds, collate, batch_size, sampler, workers, pin)
-
     sampler = EpochSampler(len(train), t.seed)
     return Loaders(
-        train=loader(train, y_train, sampler, t.batch_size),
-        val=loader(val, labels.labels(val.answers), None, t.eval_batch_size),
-        test=loader(test, labels.labels(test.answers), None, t.eval_batch_size),
+        train=split_loader(cfg, backbone, store, index, train, y_train, t.batch_size, sampler, workers, pin),
+        val=split_loader(
+            cfg, backbone, store, index, val, labels.labels(val.answers), t.eval_batch_size, None, workers, pin
+        ),
+        test=split_loader(
+            cfg, backbone, store, index, test, labels.labels(test.answers), t.eval_batch_size, None, workers, pin
+        ),
         sampler=sampler,
         batches_per_epoch=math.ceil(len(train) / t.batch_size),
     )
+
+
+def cached_store(cfg, backbone: Backbone, splits: list[Split], index, device, phases: list[Phase]):
+    """The feature cache over ``splits`` when no phase trains the vision tower (then CLIP runs once per image, ever);
+    None when the config turns it off or a phase trains the tower."""
+    if cfg.features.cache and all(p.freeze["vision"] for p in phases):
+        return feature_store(cfg, backbone, splits, index, device)
+    if cfg.features.cache:
+        log.info("feature cache bypassed: a phase trains the vision tower <freeze.vision / trainer.phases>")
+    return None
+
+
+def split_loader(
+    cfg, backbone: Backbone, store, index, split: Split, y: list[int], batch_size: int, sampler, workers: int, pin: bool
+) -> DataLoader:
+    """A loader over one split: rows of the feature ``store`` when there is one, else decoded images."""
+    if store is not None:
+        ds = FeatureDataset(split, y, store)
+    else:
+        ds = QADataset(split, y, index, backbone.image_processor, cfg.data.on_bad_image)
+    collate = Collator(backbone.tokenizer, cfg.backbone.image_position_offset)  # questions stay below image positions
+    return make_loader(ds, collate, batch_size, sampler, workers, pin)
 
 
 # ---- model and optimizer ----------------------------------------------------------------------------------------
@@ -266,7 +279,8 @@ def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int, cpu_kernels
     """
     v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.dim
     mapper = build_mapper(cfg.mapper, v_dim, t_dim)
-    head = nn.Linear(t_dim, n_classes)
+    # head.bias: the paper's head has none; a best.pt written before the key existed had a bias (hence the default).
+    head = nn.Linear(t_dim, n_classes, bias=cfg.head.get("bias", True))
     model = ClipQA(
         backbone.vision,
         mapper,
