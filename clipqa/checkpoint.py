@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -45,6 +46,11 @@ def safe_load(path: str | Path, what: str) -> dict:
     unpickled. Everything clipqa writes (best.pt, resume checkpoints) is tensors, numbers, strings, lists and dicts,
     so it loads this way. A file that needs more is refused, naming it; so is an unreadable one.
     """
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive
+        raise ClipqaError(
+            f"{what}: {path} is not a readable checkpoint (not a torch.save archive); the file is damaged or of "
+            "another kind. Pass the best.pt of a finished clipqa run."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

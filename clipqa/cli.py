@@ -90,6 +90,12 @@ def report(argv: list[str] | None = None) -> None:
     p.add_argument("--parent", default=None, help="only the runs nested under this parent (sweep) run id")
     p.add_argument("--sweep-dir", default=None, help=f"only the runs of the Hydra sweep in this folder ({PARENT_FILE})")
     p.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"params.head.kind = 'vocab'\"")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="run id whose row every other row is compared with (default: V1 of the paper's versions, else the "
+        "sweep's first job)",
+    )
     a = p.parse_args(argv)
     parent = a.parent
     if a.sweep_dir:
@@ -98,7 +104,14 @@ def report(argv: list[str] | None = None) -> None:
             p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
         parent = info["run_id"]
     try:
-        path = make_report(a.tracking_uri, a.out, experiment=a.experiment, parent_run_id=parent, filter_string=a.filter)
+        path = make_report(
+            a.tracking_uri,
+            a.out,
+            experiment=a.experiment,
+            parent_run_id=parent,
+            filter_string=a.filter,
+            baseline_run_id=a.baseline,
+        )
     except ClipqaError as e:
         _fail("clipqa-report", str(e))
     print(path.read_text().split("\n\n![")[0])
@@ -183,6 +196,9 @@ def predict(argv: list[str] | None = None) -> None:
         _fail("clipqa-predict", "nothing to answer: pass --image PATH --question TEXT, or --questions FILE.")
     if a.top_k < 1:
         _fail("clipqa-predict", f"--top-k {a.top_k}: pass 1 or more.")
+    for image, _ in items:  # before the model loads: a typo should not cost its loading time
+        if not Path(image).is_file():
+            _fail("clipqa-predict", f"Image not found: {image}. Pass the path of a JPEG or PNG file.")
     from clipqa.inference import answer, find_checkpoint, load_trained
 
     try:

@@ -20,6 +20,7 @@ from clipqa.errors import ClipqaError
 @dataclass
 class PathsConfig:
     cache_dir: str = MISSING  # demo data, tiny backbones; `~` is expanded
+    wordnet: str | None = MISSING  # a WordNet 3.0 folder for WUPS; None: nltk's data folders, then Debian's
 
 
 @dataclass
@@ -96,6 +97,7 @@ class MapperConfig:
 class HeadConfig:
     kind: str = MISSING  # vocab | answers
     readout: str = MISSING  # cls | last
+    bias: bool = MISSING  # the head's bias (the paper's head has none)
 
 
 @dataclass
@@ -167,6 +169,8 @@ class TrackingConfig:
     experiment: str = MISSING
     run_name: str | None = MISSING  # None: made from the overrides
     log_checkpoint: bool | None = MISSING  # None: yes for single runs, no for sweep jobs
+    log_model: bool | None = MISSING  # the model as an MLflow model; None: yes for single runs, no for sweep jobs
+    register_as: str | None = MISSING  # also register it in the MLflow model registry under this name
 
 
 @dataclass

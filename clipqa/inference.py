@@ -65,6 +65,7 @@ def find_checkpoint(ref: str, tracking_uri: str | None = None, download_to: Path
 
 
 def _download(ref: str, uri: str, dst: Path) -> Path:
+    import mlflow
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -77,11 +78,17 @@ def _download(ref: str, uri: str, dst: Path) -> Path:
         )
     else:
         artifact, hint = ref, "List the registered models in the MLflow UI (Models) or with the MLflow client."
-    try:
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:  # models:/ URIs are resolved against the registry, which follows the process-wide URIs
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         local = Path(download_artifacts(artifact_uri=artifact, dst_path=str(dst), tracking_uri=uri))
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ClipqaError(f"Cannot fetch {ref} from the MLflow store {uri} ({first}). {hint}") from None
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     found = [local] if local.is_file() else sorted(local.rglob("best.pt"))
     if not found:
         raise ClipqaError(f"{ref} at {uri} holds no best.pt: it is not a clipqa model. {hint}")
@@ -151,9 +158,12 @@ def answer(
         source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else Path(image)
         if not isinstance(source, io.BytesIO) and not source.is_file():
             raise ClipqaError(f"Image not found: {image}. Pass the path of a JPEG or PNG file.")
-        user = f"the question {question!r}"
-        pixels.append(load_pixels(source, trained.backbone.image_processor, "error", user)[0])  # (3, H, W)
-        if not tok(question, add_special_tokens=False)["input_ids"]:
+        image_pixels, problem = load_pixels(source, trained.backbone.image_processor, "skip", "", log_skip=False)
+        if image_pixels is None:
+            shown = "the image bytes" if isinstance(source, io.BytesIO) else str(image)
+            raise ClipqaError(f"Cannot read {shown} as a picture ({problem}). Pass a JPEG or PNG file.")
+        pixels.append(image_pixels)  # (3, H, W)
+        if not any(ch.isalnum() for ch in question) or not tok(question, add_special_tokens=False)["input_ids"]:
             raise ClipqaError(f"The question {question!r} has no words to read; ask a question in words.")
         questions.append(question)
     k = max(1, min(top_k, len(trained.labels)))

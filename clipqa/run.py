@@ -43,6 +43,7 @@ from clipqa.schedule import PARTS, resolve_phases
 from clipqa.signals import stop_on_sigterm
 from clipqa.tracking import RunInfo, Tracker, make_tracker
 from clipqa.train_state import TrainState
+from clipqa.wups import split_wups
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
 
     # 5. results and files -----------------------------------------------------------------------------------------
     results = collect_results(test, test_preds, counts, state, prior, splits, n_dropped, phases)
+    results.update(split_wups(cfg.paths.wordnet, test_split, test_preds, labels.classes))  # WUPS@0.9, @0.0
     log.info(
         "test/acc %.4f (prior %.4f), val/acc %.4f at step %d",
         results[M.TEST_ACC],
@@ -152,16 +154,28 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
             metrics=json_safe(results),
         )
 
-    # 6. tracking: final metrics (same names as metrics.json) and artifacts ----------------------------------------
-    tracker.log_metrics(results, state.step)
+    # 6. tracking: final metrics (same names as metrics.json), artifacts, the model -------------------------------
+    log_results(tracker, cfg, info, out, results, state.step, files, backbone, (test_split, index))
+    return results
+
+
+def log_results(tracker: Tracker, cfg, info: RunInfo, out: Path, results, step, files, backbone, example_from) -> None:
+    """The final metrics, the run's files, best.pt and the MLflow model (single runs by default, not sweep jobs)."""
+    tracker.log_metrics(results, step)
     for f in files:
         tracker.log_artifact(f)
     if (out / ".hydra" / "overrides.yaml").is_file():
         tracker.log_artifact(out / ".hydra" / "overrides.yaml", "hydra")
-    log_ckpt = cfg.tracking.log_checkpoint
-    if (not info.multirun if log_ckpt is None else log_ckpt) and (out / "best.pt").is_file():
+    has_best = (out / "best.pt").is_file()
+    log_ckpt, log_model = cfg.tracking.log_checkpoint, cfg.tracking.log_model
+    if (not info.multirun if log_ckpt is None else log_ckpt) and has_best:
         tracker.log_artifact(out / "best.pt", "checkpoint")
-    return results
+    if (not info.multirun if log_model is None else log_model) and has_best:
+        test_split, index = example_from  # the input example: the first test question and its picture
+        example = {"image": index[test_split.image_ids[0]].read_bytes(), "question": test_split.questions[0]}
+        dirs = {"vision": backbone.vision_source, "text": backbone.text_source}
+        local = {k: d for k, d in dirs.items() if Path(d).is_dir()}  # hub names load from the hub (or HF cache)
+        tracker.log_model(out / "best.pt", example, cfg.tracking.register_as, local if len(local) == 2 else {})
 
 
 def collect_results(test, test_preds, counts, state: TrainState, prior, splits, n_dropped, phases) -> dict:

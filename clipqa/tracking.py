@@ -146,6 +146,8 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, checkpoint: Path, example: dict, register_as: str | None, backbone_dirs: dict) -> None: ...
+
     def finish(self, status: str = "FINISHED", error: str | None = None, run_dir: Path | None = None) -> None: ...
 
 
@@ -211,6 +213,47 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", self.run_id, str(path), artifact_path)
+
+    def log_model(self, checkpoint: Path, example: dict, register_as: str | None, backbone_dirs: dict) -> None:
+        """The trained model as an MLflow pyfunc model named ``model`` (:mod:`clipqa.pyfunc`), listed under the
+        run's *Models*, optionally registered. ``example``: one input row (image bytes + question) for the UI and
+        MLflow's check that the logged model loads and answers. A failure is a warning, as for every write."""
+        import mlflow
+        import pandas as pd
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        signature = ModelSignature(
+            inputs=Schema(
+                [
+                    ColSpec("binary", "image", required=False),
+                    ColSpec("string", "image_path", required=False),
+                    ColSpec("string", "question"),
+                ]
+            ),
+            outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "probability")]),
+        )
+        previous = mlflow.get_tracking_uri()
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            with _ctrl_c_after(), mlflow.start_run(run_id=self.run_id):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(Path(__file__).with_name("pyfunc.py")),  # a model from code: nothing pickled
+                    artifacts={"checkpoint": str(checkpoint), **backbone_dirs},
+                    signature=signature,
+                    input_example=pd.DataFrame([example]),
+                    registered_model_name=register_as,
+                    pip_requirements=_model_requirements(),
+                )
+            log.info("logged the MLflow model runs:/%s/model <tracking.log_model>", self.run_id)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            log.warning(
+                "could not log the MLflow model (%s): %s; best.pt is in the run folder", type(e).__name__, first
+            )
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def finish(self, status: str = "FINISHED", error: str | None = None, run_dir: Path | None = None) -> None:
         import time
@@ -290,6 +333,20 @@ def _ctrl_c_after():
             previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
         elif caught and previous == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGINT)  # the operating system's default: end the process
+
+
+def _model_requirements() -> list[str]:
+    """What the logged model needs besides clipqa itself (not on PyPI: install it where the model is loaded)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "tokenizers", "pillow", "omegaconf", "hydra-core", "mlflow", "pandas"]
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
 
 
 PENDING_FILE = "mlflow_pending.json"  # MLflow writes a run could not make; plain JSON, uploaded by clipqa-sync
