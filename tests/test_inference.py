@@ -149,3 +149,35 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_unpickled(trained
     with pytest.raises(ClipqaError, match="refusing to load"):
         train(compose_cfg(SMALL_DEMO, cache_dir), run)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_tracked_run_is_usable_through_mlflow_uris_and_as_an_mlflow_model(tmp_path, cache_dir, capsys):
+    """runs:/<id> and models:/<name>/1 give clipqa-eval the run's exact test/acc; the logged pyfunc model answers
+    as clipqa-predict does."""
+    import mlflow
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    overrides = [*SMALL_DEMO, "tracking=mlflow", f"tracking.uri={uri}", "tracking.register_as=smoke-qa"]
+    metrics = train(compose_cfg(overrides, cache_dir), tmp_path / "run")
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
+    for ref in (f"runs:/{run_id}", "models:/smoke-qa/1"):
+        out = tmp_path / ref.replace(":/", "-").replace("/", "-")
+        code, _, err = run_tool(cli.evaluate, capsys, ref, "--tracking-uri", uri, "--out", str(out))
+        assert code == 0, err
+        assert json.loads((out / "metrics.json").read_text())["test/acc"] == metrics["test/acc"], ref
+    (data,) = (cache_dir / "demo").glob("v1-train1000-test200-*")
+    image = sorted((data / "images" / "val2014").iterdir())[0]
+    question = (data / "test" / "questions.txt").read_text().splitlines()[0]
+    code, stdout, err = run_tool(
+        cli.predict, capsys, f"runs:/{run_id}", "--tracking-uri", uri, "--image", str(image),
+        "--question", question, "--top-k", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    (expected,) = json.loads(stdout)["answers"]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    got = model.predict(pd.DataFrame({"image": [image.read_bytes()], "question": [question]}))
+    assert got["answer"][0] == expected["answer"]
+    assert got["probability"][0] == pytest.approx(expected["probability"], rel=1e-5)

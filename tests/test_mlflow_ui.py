@@ -90,3 +90,35 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
     for name, acc in accs.items():
         assert name in grid
         assert f"{acc:.2f}".rstrip("0").rstrip(".") in grid or str(round(acc, 4)) in grid, (acc, grid[:2000])
+
+
+def test_a_runs_logged_model_is_listed_in_the_mlflow_ui(tmp_path):
+    """A single run logs its model (tracking.log_model, on for single runs): the run page lists it, registered."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    args = [*SMALL_DEMO, "tracking=mlflow", "trainer.max_steps=4", "tracking.register_as=ui-model"]
+    r = run_cli(*args, f"tracking.uri={db}", "tracking.experiment=ui", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
+    exp_id = MlflowClient(db).get_run(run_id).info.experiment_id
+    port = free_port()
+    server = start_server(db, port)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{run_id}")
+            section = page.get_by_text("Logged models (1)")
+            section.wait_for(timeout=60_000)
+            section.scroll_into_view_if_needed()
+            page.wait_for_timeout(1000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_model.png"))
+            body = page.inner_text("body")
+            browser.close()
+    finally:
+        stop(server)
+    listed = body[body.index("Logged models (1)") :][:600]
+    assert "\nmodel\nReady\n" in listed and "ui-model" in listed, listed

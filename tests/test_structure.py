@@ -18,13 +18,13 @@ FLOORS = {
     # 1: the parts
     "data": 1, "demo_data": 1, "pretrained": 1, "image_tokens": 1, "cpu_kernels": 1, "packed_text": 1,
     "model": 1, "freeze": 1, "evaluation": 1, "features": 1, "tracking": 1, "plots": 1, "report": 1,
-    "optuna_study": 1,
+    "optuna_study": 1, "wups": 1,
     # 2: set-up, checkpoints, the training loop
     "build": 2, "checkpoint": 2, "loop": 2,
     # 3: the run function
-    "run": 3,
+    "run": 3, "inference": 3,
     # 4: entry points (train.py and the Hydra plugins import from here and below)
-    "cli": 4, "sweep": 4, "__init__": 4,
+    "cli": 4, "sweep": 4, "pyfunc": 4, "__init__": 4,
 }  # fmt: skip
 
 
