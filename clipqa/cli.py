@@ -1,6 +1,6 @@
 """The command-line tools besides ``train.py``: ``clipqa-cache``, ``clipqa-report``, ``clipqa-eval``,
-``clipqa-predict``, ``clipqa-sync`` and ``clipqa-demo-data``. Each prints a user-fixable problem as one
-``<tool>: error: ...`` line and exits with status 2.
+``clipqa-predict``, ``clipqa-download``, ``clipqa-sync`` and ``clipqa-demo-data``. Each prints a user-fixable
+problem as one ``<tool>: error: ...`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -229,6 +229,48 @@ def _read_questions(path: str) -> list[tuple[str, str]]:
             _fail("clipqa-predict", f"{path} line {n}: expected IMAGE<TAB>QUESTION, got {line[:80]!r}.")
         items.append((image.strip(), question.strip()))
     return items
+
+
+def download(argv: list[str] | None = None) -> None:
+    """``clipqa-download --to DIR``: fetch COCO-QA and the COCO 2014 images, verified, then print the overrides."""
+    from clipqa.download import ARCHIVES, COCO_URL, COCOQA_URL, MIRROR_ENV, download_datasets, targets
+
+    p = argparse.ArgumentParser(
+        prog="clipqa-download",
+        description="Download COCO-QA and the COCO 2014 images (about 20 GB; resumable), verify and extract them.",
+        epilog=f"Official locations: {COCOQA_URL} and {COCO_URL}{{train2014,val2014}}.zip; ${MIRROR_ENV}=BASE_URL "
+        "takes all three from a local mirror.",
+    )
+    p.add_argument("--to", required=True, help="folder for cocoqa/ (data.root) and coco/ (data.image_root)")
+    p.add_argument("--what", default=",".join(ARCHIVES), help=f"archives to fetch (default: {','.join(ARCHIVES)})")
+    p.add_argument("--keep-zips", action="store_true", help="keep the archives after extracting them")
+    p.add_argument("--only-referenced", action="store_true", help="extract only the images COCO-QA's questions use")
+    p.add_argument("--force", action="store_true", help="fetch and replace what is already there")
+    p.add_argument("--cocoqa-url", default=None, help="the COCO-QA archive's URL (a mirror)")
+    p.add_argument("--coco-url", default=None, help="a base URL serving train2014.zip and val2014.zip")
+    p.add_argument("--retries", type=int, default=5, help="retries of a failed download (exponential backoff)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        lines = download_datasets(
+            a.to,
+            [w.strip() for w in a.what.split(",") if w.strip()],
+            cocoqa_url=a.cocoqa_url,
+            coco_url=a.coco_url,
+            keep_zips=a.keep_zips,
+            only_referenced=a.only_referenced,
+            force=a.force,
+            retries=a.retries,
+            timeout_s=a.timeout,
+        )
+    except ClipqaError as e:
+        _fail("clipqa-download", str(e))
+    except KeyboardInterrupt:
+        _fail("clipqa-download", "interrupted; run the same command again to resume the download.")
+    print("\n".join(lines))
+    where = targets(Path(a.to).expanduser().resolve())
+    print(f"\ntrain with:\n  python train.py data.root={where['cocoqa']} data.image_root={where['train2014'].parent}")
 
 
 def demo_data(argv: list[str] | None = None) -> None:

@@ -33,7 +33,9 @@ COCO_FOLDERS = ("train2014", "val2014")
 _COCO_NAME = re.compile(r"COCO_(?:train|val)2014_(\d{12})\.jpg$")
 
 DOWNLOAD_HINT = (
-    "Download COCO-QA from http://www.cs.toronto.edu/~mren/research/imageqa/data/cocoqa/cocoqa-2015-05-17.zip and "
+    "Fetch both with one command: clipqa-download --to data/ (it prints the data.root=... data.image_root=... "
+    "overrides to use). Or download COCO-QA from "
+    "http://www.cs.toronto.edu/~mren/research/imageqa/data/cocoqa/cocoqa-2015-05-17.zip and "
     "unzip it so that data.root holds train/ and test/; download the COCO 2014 images from "
     "http://images.cocodataset.org/zips/train2014.zip and val2014.zip and unzip both into data.image_root. "
     "To try clipqa without any download run: python train.py experiment=demo"
