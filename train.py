@@ -13,29 +13,33 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from clipqa.errors import EXIT_PREEMPTED, ClipqaError, Preempted
-from clipqa.metrics import OBJECTIVE
 
 log = logging.getLogger("clipqa")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
     from clipqa.config import validate
+    from clipqa.optuna_study import TrialJob, objective
 
+    trial = TrialJob.from_env()  # set when the Optuna sweeper (hydra/sweeper=clipqa_optuna) launched this job
     try:
+        if trial is not None:  # MLflow tags (optuna.trial) and names ("trial N: ...") the run by its trial
+            with open_dict(cfg):
+                cfg.optuna = {"trial": trial.number, "study_name": trial.study_name}
         cfg = validate(cfg)  # bad config values fail here, before torch/transformers load the models
         from clipqa.run import train
         from clipqa.tracking import hydra_run_info
 
-        on_validation = None
-        if "optuna" in cfg:  # a trial of the Optuna sweeper: report val/acc to it, so it can prune
-            from clipqa.optuna_study import pruning_callback
-
-            on_validation = pruning_callback(cfg.optuna)
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir, hydra_run_info(), on_validation)
+        info = hydra_run_info()
+        if trial is not None:  # clipqa.tracking.run_name reads the trial number from the overrides
+            info.overrides.append(f"+optuna.trial={trial.number}")
+        on_validation = trial.pruning_callback() if trial else None  # val/acc to the trial, so it can prune
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
+        value = objective(metrics, trial)  # val/acc, or hydra.sweeper.metric_names (a tuple for several objectives)
     except Preempted as e:
         log.warning("clipqa: %s", e)
         sys.exit(EXIT_PREEMPTED)
@@ -44,7 +48,7 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed job (an Optuna study goes on)
         sys.exit(2)
-    return metrics[OBJECTIVE]
+    return value
 
 
 def _config_dir_from_anywhere(argv: list[str]) -> None:

@@ -1,19 +1,22 @@
 """A Hydra multirun in MLflow: its parent run, the comparison report at its end, and an Optuna study's best trial.
 
 :class:`MlflowSweepCallback` is registered in ``conf/config.yaml`` under ``hydra.callbacks``; the Optuna sweeper
-calls :func:`mark_best_trial`. Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking`.
+calls :func:`mark_best_trial` / :func:`mark_pareto_front` (and :func:`fail_sweep` when it stops with an error).
+Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from clipqa.metrics import OBJECTIVE
 from clipqa.report import make_report
 from clipqa.tracking import (
     NOT_VARIANT_PREFIXES,
@@ -82,26 +85,101 @@ class MlflowSweepCallback(Callback):
             log.info("sweep report: %s", out / "report.md")
         except Exception as e:  # a report problem must not hide the sweep's results
             log.warning("could not write the sweep report: %s", e)
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
-        failed = [c for c in children if c.info.status != "FINISHED"]
-        client.set_tag(parent["run_id"], "clipqa.jobs", f"{len(children) - len(failed)}/{len(children)} finished")
-        client.set_terminated(parent["run_id"], status="FAILED" if failed else "FINISHED")
+        _close_parent(client, parent["run_id"], run.info.experiment_id)
 
 
-def mark_best_trial(config: DictConfig, number: int, value: float) -> None:
-    """Tag the MLflow run of an Optuna study's best trial (``clipqa.best_trial``) and note it on the parent run."""
-    if config.tracking.backend == "none":
-        return
+def job_counts(children: list) -> dict[str, int]:
+    """The sweep's jobs by outcome: finished, pruned (an Optuna trial stopped by its pruner: KILLED with tag
+    ``clipqa.pruned=true``, the sweeper working as meant) and failed (anything else: FAILED, KILLED, still RUNNING)."""
+    finished = sum(c.info.status == "FINISHED" for c in children)
+    pruned = sum(c.info.status == "KILLED" and c.data.tags.get("clipqa.pruned") == "true" for c in children)
+    return {"finished": finished, "pruned": pruned, "failed": len(children) - finished - pruned}
+
+
+def _close_parent(client, run_id: str, experiment_id: str, error: str | None = None) -> None:
+    """End the parent run: FINISHED unless a job failed (or the sweep stopped with ``error``); tags
+    ``clipqa.jobs`` ("6 jobs: 4 finished, 2 pruned, 0 failed") and ``clipqa.failed_jobs``."""
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    n = job_counts(children)
+    summary = f"{len(children)} jobs: {n['finished']} finished, {n['pruned']} pruned, {n['failed']} failed"
+    client.set_tag(run_id, "clipqa.jobs", summary)
+    client.set_tag(run_id, "clipqa.failed_jobs", str(n["failed"]))
+    if error:
+        client.set_tag(run_id, "clipqa.error", error[:5000])
+    client.set_terminated(run_id, status="FAILED" if n["failed"] or error else "FINISHED")
+
+
+def _parent_client(config: DictConfig):
+    """(MlflowClient, parent run id, experiment id) of this sweep, or None (no tracking, or no parent run)."""
+    if OmegaConf.select(config, "tracking.backend", default="none") == "none":
+        return None
     parent = read_parent(str(Path(config.hydra.sweep.dir).resolve()))
     if parent is None:
-        return
+        return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=parent["uri"])
-    exp_id = client.get_run(parent["run_id"]).info.experiment_id
-    runs = client.search_runs(
-        [exp_id], f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.`optuna.trial` = '{number}'"
+    return client, parent["run_id"], client.get_run(parent["run_id"]).info.experiment_id
+
+
+def fail_sweep(config: DictConfig, error: str) -> None:
+    """The Optuna sweeper stopped with an error (before its first trial, or too many failed): the parent run ends
+    FAILED with the message as tag ``clipqa.error`` (Hydra skips ``on_multirun_end`` when a sweeper raises)."""
+    if (found := _parent_client(config)) is not None:
+        _close_parent(*found, error=error)
+
+
+def mark_best_trial(
+    config: DictConfig,
+    study_name: str,
+    number: int,
+    value: float,
+    metric: str = OBJECTIVE,
+    files: Sequence[Path] = (),
+) -> None:
+    """Tag the MLflow run of an Optuna study's best trial ``clipqa.best_trial=true`` (an earlier best of a resumed
+    study: ``false``), note it on the parent run and log the sweeper's files (optimization_results.yaml) there
+    under ``optuna/``."""
+    if (found := _parent_client(config)) is None:
+        return
+    client, parent_id, exp_id = found
+    _tag_trials(client, exp_id, study_name, {number}, "clipqa.best_trial")
+    client.set_tag(parent_id, "clipqa.best_trial", f"trial {number}: {metric} {value:.4f}")
+    for f in files:
+        client.log_artifact(parent_id, str(f), "optuna")
+
+
+def mark_pareto_front(
+    config: DictConfig,
+    study_name: str,
+    front: list[tuple[int, list[float]]],
+    metric_names: list[str],
+    files: Sequence[Path] = (),
+) -> None:
+    """A multi-objective study: tag the runs of its Pareto-optimal trials ``clipqa.pareto_front=true`` (trials of a
+    resumed study that left the front: ``false``), list them on the parent run (tag ``clipqa.pareto_front``) and log
+    the sweeper's files there under ``optuna/`` (optimization_results.yaml, pareto_front.png)."""
+    if (found := _parent_client(config)) is None:
+        return
+    client, parent_id, exp_id = found
+    _tag_trials(client, exp_id, study_name, {n for n, _ in front}, "clipqa.pareto_front")
+    shown = "; ".join(
+        f"trial {n}: " + ", ".join(f"{m} {v:.4g}" for m, v in zip(metric_names, values, strict=True))
+        for n, values in front
     )
+    client.set_tag(parent_id, "clipqa.pareto_front", shown[:5000])
+    for f in files:
+        client.log_artifact(parent_id, str(f), "optuna")
+
+
+def _tag_trials(client, exp_id: str, study_name: str, numbers: set[int], tag: str) -> None:
+    """``tag=true`` on the runs of the study's trials ``numbers`` (in this sweep or an earlier one of the study),
+    ``false`` where an earlier sweep set it on another trial."""
+    runs = client.search_runs([exp_id], "tags.`optuna.trial` != ''", max_results=50000)
     for run in runs:
-        client.set_tag(run.info.run_id, "clipqa.best_trial", "true")
-    client.set_tag(parent["run_id"], "clipqa.best_trial", f"trial {number}: val/acc {value:.4f}")
+        t = run.data.tags
+        if t.get("optuna.study_name") != study_name:
+            continue
+        chosen = t.get("optuna.trial") in {str(n) for n in numbers}
+        if chosen or t.get(tag) == "true":
+            client.set_tag(run.info.run_id, tag, "true" if chosen else "false")

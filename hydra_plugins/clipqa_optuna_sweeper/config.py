@@ -1,22 +1,95 @@
 """The sweeper's config schema (``hydra/sweeper: clipqa_optuna``) and its defaults, the one place they are set.
 
+The layout is Hydra's Optuna sweeper's (``hydra-optuna-sweeper``), so its sweep files keep working: ``direction``,
+``study_name``, ``storage``, ``n_trials``, ``n_jobs``, ``max_failure_rate``, ``params``, ``custom_search_space``, and
+the sampler as a config group (``hydra/sweeper/sampler=tpe|random|grid|cmaes|qmc|nsgaii``) whose ``_target_`` is any
+Optuna sampler and whose other keys are its arguments (``+hydra.sweeper.sampler.ARG=...`` passes one not listed
+here). Added: ``metric_names`` and ``pruner``. What differs from Hydra's sweeper, and why: the README, "Optuna".
+
 sweeps/optuna.yaml sets only the search space (``params``); change a default here, or per run on the command line
-(``hydra.sweeper.n_trials=30``).
+(``hydra.sweeper.n_trials=30``, ``hydra/sweeper/sampler=random``).
 """
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import MISSING
+
 
 @dataclass
 class SamplerConf:
-    name: str = "tpe"  # tpe | random | grid
-    seed: int = 42
-    n_startup_trials: int = 5  # tpe: random trials before the model kicks in
+    _target_: str = MISSING
+    # Seeded by default (Hydra's: unseeded). A study resumed with N trials in it gets seed + N, so its random
+    # start-up trials are not the first run's again (qmc excepted: its sequence belongs to the study).
+    seed: int | None = 42
+
+
+@dataclass
+class TPESamplerConf(SamplerConf):
+    _target_: str = "optuna.samplers.TPESampler"
+    n_startup_trials: int = 5  # random trials before the model kicks in (Optuna's and Hydra's default: 10)
+    n_ei_candidates: int = 24
+    multivariate: bool | None = None
+    constant_liar: bool = True  # parallel trials (n_jobs > 1) do not all ask for the same point
+
+
+@dataclass
+class RandomSamplerConf(SamplerConf):
+    _target_: str = "optuna.samplers.RandomSampler"
+
+
+@dataclass
+class GridSamplerConf(SamplerConf):
+    # The grid is the search space (every choice(...) and range(...) value); n_trials is capped at its size.
+    _target_: str = "optuna.samplers.GridSampler"
+
+
+@dataclass
+class CmaEsSamplerConf(SamplerConf):
+    _target_: str = "optuna.samplers.CmaEsSampler"  # needs the cmaes package (a clipqa dependency)
+    n_startup_trials: int = 1
+    independent_sampler: Any = None  # for categorical parameters; None: random
+    warn_independent_sampling: bool = True
+    consider_pruned_trials: bool = False
+    popsize: int | None = None
+    use_separable_cma: bool = False
+    with_margin: bool = False
+    lr_adapt: bool = False
+
+
+@dataclass
+class QMCSamplerConf(SamplerConf):
+    _target_: str = "optuna.samplers.QMCSampler"
+    qmc_type: str = "sobol"  # sobol | halton | ...
+    scramble: bool = False
+    independent_sampler: Any = None
+    warn_asynchronous_seeding: bool = True
+    warn_independent_sampling: bool = True
+
+
+@dataclass
+class NSGAIISamplerConf(SamplerConf):
+    _target_: str = "optuna.samplers.NSGAIISampler"  # multi-objective studies
+    population_size: int = 50
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+
+SAMPLERS = {
+    "tpe": TPESamplerConf,
+    "random": RandomSamplerConf,
+    "grid": GridSamplerConf,
+    "cmaes": CmaEsSamplerConf,
+    "qmc": QMCSamplerConf,
+    "nsgaii": NSGAIISamplerConf,
+}
 
 
 @dataclass
 class PrunerConf:
+    # The job reports to its trial at every validation (clipqa's train.py: val/acc) and stops when this says so.
+    # Single-objective studies only: Optuna cannot prune a multi-objective one.
     name: str = "median"  # median | hyperband | none
     n_startup_trials: int = 2  # median: trials that finish before any pruning
     n_warmup_steps: int = 0  # median: steps before a trial can be pruned
@@ -28,13 +101,30 @@ class PrunerConf:
 @dataclass
 class ClipqaOptunaSweeperConf:
     _target_: str = "hydra_plugins.clipqa_optuna_sweeper.sweeper.ClipqaOptunaSweeper"
-    direction: str = "maximize"  # the objective is train.py's return value: val/acc
-    n_trials: int = 20  # total over the study, finished trials of earlier runs included
+    _recursive_: bool = False  # the sweeper builds the sampler itself (a resumed study's seed, the grid's points)
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    sampler: Any = MISSING  # the hydra/sweeper/sampler group: tpe | random | grid | cmaes | qmc | nsgaii
+    # maximize | minimize, or one per objective: [maximize, minimize] (the app returns a list or tuple).
+    # Hydra's default is minimize; ours is clipqa's objective, val/acc.
+    direction: Any = "maximize"
+    # Names of the objectives (optuna-dashboard, optimization_results.yaml, MLflow). null: clipqa's [val/acc] for a
+    # single-objective clipqa study, else unnamed. For clipqa they are also what train.py returns: keys of the
+    # run's metrics.json, e.g. [val/acc, params/trainable] with direction [maximize, minimize].
+    metric_names: list[str] | None = None
+    n_trials: int = 20  # total over the study, trials of earlier runs included (capped at the grid's size)
     n_jobs: int = 1  # trials launched at once (use hydra/launcher=joblib to run them in parallel)
-    storage: Any = None  # Optuna storage URL; None: sqlite:///<project folder>/optuna.db; journal:///PATH.log, ...
-    study_name: str = "clipqa"
-    sampler: SamplerConf = field(default_factory=SamplerConf)
+    # Stop the sweep (exit non-zero) once more than this fraction of the trials it launched failed. Hydra's default
+    # is 0.0 (the first failure stops it); ours goes on, since a failing configuration is an ablation result. A run
+    # whose every trial failed always exits non-zero.
+    max_failure_rate: float = 1.0
+    # Optuna storage URL: sqlite:///PATH.db (a relative path is made absolute), journal:///PATH.log, postgresql://...
+    # null: sqlite:///<project folder>/optuna.db for clipqa, in memory for any other app (as Hydra's sweeper).
+    storage: Any = None
+    study_name: str | None = None  # null: "clipqa" for clipqa, else the app's name (hydra.job.name)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    # key -> Hydra override grammar: choice(a, b), range(0, 4), interval(1e-5, 1e-3), tag(log, interval(...)),
-    # tag(int, interval(1, 8))
-    params: dict[str, str] = field(default_factory=dict)
+    # key -> Hydra's override grammar: choice(a, b), range(0, 4), range(1, 10, 3), interval(1e-5, 1e-3),
+    # tag(log, interval(...)), int(interval(1, 8)) (or tag(int, interval(1, 8))); a plain value fixes the key.
+    params: dict[str, str] | None = None
+    # "module.function": called as function(config, trial) after each ask; it may suggest more parameters
+    # (trial.suggest_*), which are passed to the job like the others.
+    custom_search_space: str | None = None
