@@ -45,9 +45,9 @@ class WideHead(nn.Linear):
     :class:`_WideHeadProduct`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
-        if not _cpu_fp32(x) or x.dim() != 2 or self.bias is None:
+        if not _cpu_fp32(x) or x.dim() != 2:
             return super().forward(x)
-        return _WideHeadProduct.apply(x, self.weight, self.bias)
+        return _WideHeadProduct.apply(x, self.weight, self.bias)  # bias None: the paper's head (head.bias=false)
 
 
 def use_cpu_kernels(model: nn.Module) -> None:
@@ -84,11 +84,13 @@ def _chunked_outer_mm(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torc
 
 class _WideHeadProduct(torch.autograd.Function):
     """``x (B, D) @ W.T + b`` for a wide ``W (C, D)`` and few rows: forward as ``(W @ x.T).T`` (streams W once),
-    backward as the batched products above."""
+    backward as the batched products above. ``bias`` may be None (no bias term, no bias gradient)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        if bias is None:
+            return torch.mm(weight, x.t()).t()  # (C, B) -> (B, C) view
         return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()  # (C, B) -> (B, C) view
 
     @staticmethod
@@ -99,5 +101,5 @@ class _WideHeadProduct(torch.autograd.Function):
         return (
             _split_k_mm(g, weight, p) if need_x else None,  # (B, D)
             _chunked_outer_mm(g, x) if need_w else None,  # (C, D)
-            g.sum(0) if need_b else None,  # (C,)
+            g.sum(0) if need_b else None,  # (C,); False when bias is None
         )

@@ -15,23 +15,43 @@ TEST_PRIOR_ACC = "test/prior_acc"
 TRAIN_LOSS = "train/loss"
 OBJECTIVE = VAL_ACC  # what train.py returns to a sweeper
 
+# COCO-QA's soft accuracy (Malinowski & Fritz 2014; Ren et al. 2015 report WUPS@0.9 and WUPS@0.0): clipqa.wups.
+WUPS_THRESHOLDS = (0.9, 0.0)
+N_TEST_EVALUATED = "data/n_test_evaluated"  # test questions actually answered (intervals use this count)
+
+
+def wups_key(threshold: float, split: str = "test") -> str:
+    """``test/wups_0.9`` (MLflow metric names cannot hold ``@``; the report prints WUPS@0.9); per type
+    ``test/wups_0.9/<type name>``."""
+    return f"{split}/wups_{threshold:.1f}"
+
+
+def wups_label(threshold: float) -> str:
+    """How the report names the metric: ``WUPS@0.9``."""
+    return f"WUPS@{threshold:.1f}"
+
 
 def test_type_key(type_code: int) -> str:
     """``test/acc/<type name>`` for a COCO-QA type code."""
     return f"{TEST_ACC}/{TYPE_NAMES[type_code]}"
 
 
-def accuracy_by_type(correct: Sequence[bool], types: Sequence[int], prefix: str) -> dict[str, float]:
-    """Overall and per-type accuracy.
+def mean_by_type(values: Sequence[float], types: Sequence[int], prefix: str) -> dict[str, float]:
+    """Overall and per-type mean of a per-question score (1/0 for accuracy, a WUPS score in [0, 1]).
 
-    Returns ``{prefix: acc, prefix/object: acc, ...}`` (floats in [0, 1]). A type with no questions gets NaN
-    (written as ``null`` in metrics.json) rather than a made-up number.
+    Returns ``{prefix: mean, prefix/object: mean, ...}``. A type with no questions gets NaN (written as ``null`` in
+    metrics.json) rather than a made-up number.
     """
-    out = {prefix: sum(correct) / len(correct) if correct else float("nan")}
+    out = {prefix: sum(values) / len(values) if values else float("nan")}
     for code, name in TYPE_NAMES.items():
-        hits = [c for c, t in zip(correct, types, strict=True) if t == code]
+        hits = [c for c, t in zip(values, types, strict=True) if t == code]
         out[f"{prefix}/{name}"] = sum(hits) / len(hits) if hits else float("nan")
     return out
+
+
+def accuracy_by_type(correct: Sequence[bool], types: Sequence[int], prefix: str) -> dict[str, float]:
+    """Overall and per-type accuracy: ``{prefix: acc, prefix/object: acc, ...}`` (floats in [0, 1])."""
+    return mean_by_type([float(c) for c in correct], types, prefix)
 
 
 def answer_prior(answers: Sequence[str], types: Sequence[int]) -> dict[int, str]:

@@ -50,14 +50,20 @@ def save_curves(history: list[dict], out_dir: Path) -> list[Path]:
 
 
 def comparison_chart(rows: list[dict], path: Path) -> None:
-    """Grouped bars per variant: test accuracy (with its 95% interval) and per-type accuracy."""
+    """Grouped bars per variant: test accuracy (with its 95% interval) and per-type accuracy; when the rows were
+    compared with a baseline (clipqa.report.compare), a second panel with each row's accuracy difference from it and
+    the difference's 95% interval (filled markers: significant after Holm's correction)."""
     import numpy as np
 
     keys = ["test/acc"] + [f"test/acc/{t}" for t in TYPE_NAMES.values()]
     labels = ["all"] + list(TYPE_NAMES.values())
     n, k = len(rows), len(keys)
     width = 0.8 / k
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n + 2), 4.5))
+    compared = [r for r in rows if r.get("diff") is not None]
+    if compared:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(6, 1.6 * n + 2) + 5, 4.5), width_ratios=[max(6, 1.6 * n), 5])
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * n + 2), 4.5))
     x = np.arange(n)
     for j, (key, label) in enumerate(zip(keys, labels, strict=True)):
         vals = [r.get(key) or 0.0 for r in rows]
@@ -71,6 +77,20 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
     ax.set_xticks(x, [r["variant"] for r in rows], rotation=20, ha="right")
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy per variant (bars: 95% interval)")
     ax.legend(fontsize=8, ncols=3)
+    if compared:
+        y = np.arange(len(compared))
+        d = np.array([100 * r["diff"] for r in compared])
+        err = [d - [100 * r["diff_low"] for r in compared], [100 * r["diff_high"] for r in compared] - d]
+        ax2.errorbar(d, y, xerr=err, fmt="none", ecolor="gray", capsize=3)
+        for yi, di, r in zip(y, d, compared, strict=True):
+            ax2.plot(di, yi, "o", color="C3", fillstyle="full" if r.get("significant") else "none", markersize=8)
+        ax2.axvline(0, color="black", linewidth=0.8)
+        ax2.set_yticks(y, [r["variant"] for r in compared])
+        ax2.invert_yaxis()
+        ax2.set(
+            xlabel=f"accuracy difference vs {compared[0]['baseline']} (points)",
+            title="Paired difference (95% interval; filled: significant)",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

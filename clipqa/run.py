@@ -40,7 +40,7 @@ from clipqa.loop import Trainer
 from clipqa.plots import save_curves
 from clipqa.pretrained import load_backbone
 from clipqa.schedule import PARTS, resolve_phases
-from clipqa.signals import stop_on_sigterm
+from clipqa.signals import stop_on_signals
 from clipqa.tracking import RunInfo, Tracker, make_tracker
 from clipqa.train_state import TrainState
 from clipqa.wups import split_wups
@@ -83,7 +83,9 @@ def train(
         tracker = make_tracker(cfg, info, run_id=previous_run_id(out, cfg, resumed))
     if tracker.run_id:
         (out / RUN_ID_FILE).write_text(tracker.run_id)
-    with stop_on_sigterm() as stop:
+    if resumed is not None:  # continuing a run a signal stopped: it is no longer waiting to be resumed
+        tracker.set_tags({"clipqa.resumable": "false"})
+    with stop_on_signals() as stop:  # SIGTERM (preemption) or SIGUSR2 (time limit): checkpoint, stop
         try:
             results = _run(cfg, out, resolved, tracker, info, on_validation, resumed, stop)
         except BaseException as e:
@@ -195,7 +197,7 @@ def collect_results(test, test_preds, counts, state: TrainState, prior, splits, 
         "data/n_train": len(train_split),
         "data/n_val": len(val_split),
         "data/n_test": len(test_split),
-        "data/n_test_evaluated": len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
+        M.N_TEST_EVALUATED: len(test_preds),  # fewer only if data.on_bad_image=skip dropped unreadable images
         "data/n_train_dropped": n_dropped,
         **counts,
     }

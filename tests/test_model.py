@@ -194,7 +194,7 @@ def threads(request):
 
 def _as(cls, lin: nn.Linear) -> nn.Linear:
     """A copy of ``lin`` with its class swapped, as use_cpu_kernels does."""
-    other = nn.Linear(lin.in_features, lin.out_features)
+    other = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
     other.load_state_dict(lin.state_dict())
     other.__class__ = cls
     return other
@@ -208,18 +208,20 @@ def _same_values_and_gradients(fast: nn.Linear, plain: nn.Linear, x: torch.Tenso
         y = module(x)
         (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         outs.append(y.detach())
-        grads.append((x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone()))
+        bias_grad = module.bias.grad.clone() if module.bias is not None else None
+        grads.append((x.grad.clone(), module.weight.grad.clone(), bias_grad))
         grad_fns.append(type(y.grad_fn).__name__)
     # the split product really ran (or, where it must not, the ordinary one did)
     assert (grad_fns[0] != grad_fns[1]) == split, grad_fns
     assert outs[0].shape == outs[1].shape and torch.allclose(outs[0], outs[1], atol=1e-5)
     for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-5))
 
 
-def test_the_cpu_head_product_gives_nn_linears_logits_and_gradients(threads):
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias (the paper's head)"])
+def test_the_cpu_head_product_gives_nn_linears_logits_and_gradients(threads, bias):
     torch.manual_seed(0)
-    head = nn.Linear(16, 1100)  # 2 chunks of 512 output rows + 76 left over in the weight gradient
+    head = nn.Linear(16, 1100, bias=bias)  # 2 chunks of 512 output rows + 76 left over in the weight gradient
     for rows in (1, 8, 33):
         x = torch.randn(rows, 16, requires_grad=True)
         _same_values_and_gradients(_as(WideHead, head), head, x, split=True)
@@ -256,3 +258,28 @@ def test_the_model_with_cpu_kernels_swapped_in_equals_the_plain_model(backbone):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, readout, bias",
+    [
+        ([], "cls", True),
+        (["+paper=V2"], "last", False),
+        (["+paper=V4", "head.readout=cls", "head.bias=true"], "cls", True),
+    ],
+    ids=["defaults", "paper", "paper with the cls ablation"],
+)
+def test_the_built_head_follows_head_readout_and_head_bias(backbone, overrides, readout, bias):
+    """+paper=V1..V4 build the original's head, Linear(D, vocab, bias=False) read at the last position; the
+    defaults read [CLS] with a bias; command-line keys still win over the paper config."""
+    from clipqa.build import build_model
+    from clipqa.config import validate
+    from tests.conftest import SMALL_DEMO, compose_cfg
+
+    cfg = validate(compose_cfg([*SMALL_DEMO, *overrides]))
+    model = build_model(cfg, backbone, 7)
+    assert model.readout == readout and (model.head.bias is not None) == bias
+    enc = backbone.tokenizer(["what is red", "how many circles are there"], padding=True, return_tensors="pt")
+    logits = model(enc["input_ids"], enc["attention_mask"], pixel_values=torch.randn(2, 3, 32, 32))
+    logits.logsumexp(-1).sum().backward()  # the CPU head product with and without a bias term
+    assert logits.shape == (2, 7) and model.head.weight.grad is not None

@@ -80,7 +80,8 @@ def test_multirun_over_mapper_depth_leaves_three_runs_nested_in_mlflow_and_a_rep
     for f in ("report.md", "report.csv", "comparison.png"):
         assert (out / f).is_file()
     md = (out / "report.md").read_text()
-    assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| `")] == [
+    first_table = md.split("\n\n")[1]  # one row per variant (the per-type and training tables follow)
+    assert [line.split(" | ")[0] for line in first_table.splitlines() if line.startswith("| `")] == [
         f"| `mapper.num_layers={n}`" for n in range(3)
     ]
 

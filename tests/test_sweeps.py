@@ -45,6 +45,9 @@ def test_paper_versions_are_staged_runs_with_the_papers_settings(version, phases
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=[f"+paper={version}"]))
     assert cfg.tracking.run_name == version
+    # the original script's model: the answer read at the last position (output[:, -1]) by Linear(768, vocab,
+    # bias=False)
+    assert cfg.head.kind == "vocab" and cfg.head.readout == "last" and cfg.head.bias is False
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-4 and cfg.trainer.batch_size == 8
     resolved = resolve_phases(cfg)
     assert [p.name for p in resolved] == phases
@@ -54,8 +57,19 @@ def test_paper_versions_are_staged_runs_with_the_papers_settings(version, phases
     if len(resolved) > 1:  # V3/V4: text unfrozen at lr 1e-5 with a fresh Adam, V4 one more epoch of the same
         assert resolved[1].lr == pytest.approx(1e-5) and resolved[1].freeze["text"] is False
         assert resolved[1].fresh_optimizer
-    if version == "V4":
-        assert resolved[2].lr == pytest.approx(1e-5) and not resolved[2].fresh_optimizer
+    if version == "V4":  # the original ran its script again on V3's weights: a fresh Adam again
+        assert resolved[2].lr == pytest.approx(1e-5) and resolved[2].fresh_optimizer
+        assert resolved[2].freeze == {"vision": True, "text": False, "mapper": False}
+
+
+def test_the_main_config_is_the_ablation_base_and_says_so():
+    """conf/config.yaml reads [CLS] with a biased head (the suite's default, README); its header says so and
+    names +paper=V2 as the paper's model."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=["experiment=demo"]))
+    assert cfg.head.readout == "cls" and cfg.head.bias is True
+    header = (CONF / "config.yaml").read_text().split("defaults:")[0]
+    assert "head.readout=cls" in header and "+paper=V2" in header
 
 
 @pytest.mark.slow
@@ -84,12 +98,19 @@ def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs,
     if name == "freeze":  # the staged job really ran two phases
         staged = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
         assert sum("phase/unfrozen_text/test/acc" in m for m in staged) == 1
-    if name == "paper":
+    if name == "paper":  # V1..V4 with WUPS, the paper's numbers and the paired comparison with V1
         assert all(f"| `{v}` |" in md for v in ("V1", "V2", "V3", "V4")) and "paper acc % (80 q)" in md
+        head = md.split("\n\n")[1].splitlines()[0]
+        assert "WUPS@0.9 %" in head and "WUPS@0.0 %" in head and "Δ acc vs `V1` (points)" in head
+        assert "p (Holm)" in head and md.count("McNemar (b=") == 3
+        assert all(json.loads(p.read_text())["test/wups_0.9"] >= 0 for p in (tmp_path / "sweep").glob("*/metrics.json"))
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
         v4 = next(x for x in runs if x.info.run_name == "V4")
         assert {"phase/V2/test/acc", "phase/V3/test/acc", "phase/V4/test/acc"} <= set(v4.data.metrics)
+    if name == "seeds":  # runs differing only by trainer.seed: one row, n = 3
+        rows = [line for line in md.split("\n\n")[1].splitlines() if line.startswith("| `")]
+        assert len(rows) == 1 and rows[0].startswith("| `same config (seeds 1, 2, 3)` | 3 |")
     if name == "image_tokens":  # one feature cache per token choice, each with its own token count
         from clipqa.features import FeatureStore
 
@@ -136,12 +157,17 @@ def test_optuna_study_prunes_resumes_and_tags_the_best_trial(tmp_path):
     (best,) = [x for x in trials if x.data.tags.get("clipqa.best_trial") == "true"]
     assert best.data.tags["optuna.trial"] == str(study.best_trial.number)
     assert float(best.data.params["optimizer.lr"]) == study.best_trial.params["optimizer.lr"]
+    (parent,) = [x for x in runs if x.data.tags.get("clipqa.sweep") == "true"]  # pruning is not failing
+    assert parent.info.status == "FINISHED" and parent.data.tags["clipqa.failed_jobs"] == "0", parent.data.tags
 
     r = run_cli(*optuna_cmd(tmp_path, 8, "b", *contrast))  # same storage + study, larger n_trials: exactly 2 more
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert len(study.trials) == 8
     assert [t.number for t in study.trials] == list(range(8))
+    runs = client.search_runs([client.get_experiment_by_name("clipqa").experiment_id])
+    (best,) = [x for x in runs if x.data.tags.get("clipqa.best_trial") == "true"]  # one, over both sweeps
+    assert best.data.tags["optuna.trial"] == str(study.best_trial.number)
 
 
 @pytest.mark.slow
@@ -187,3 +213,7 @@ def test_failed_trials_are_recorded_and_all_failing_exits_non_zero(tmp_path):
     assert "all 2 trials failed" in r.stdout + r.stderr and "/no/such/cocoqa" in r.stdout + r.stderr
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    experiment = client.get_experiment_by_name("clipqa").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`clipqa.sweep` = 'true'")
+    assert parent.info.status == "FAILED" and "all 2 trials failed" in parent.data.tags["clipqa.error"]

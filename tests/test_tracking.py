@@ -1,4 +1,4 @@
-"""MLflow tracking of single runs (status, params, metrics, artifacts) and the comparison report."""
+"""MLflow tracking of single runs (status, params, metrics, artifacts); the report is tests/test_report.py."""
 
 import json
 import os
@@ -12,7 +12,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
-from clipqa.report import make_report, wilson
 from clipqa.run import train
 from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
 from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
@@ -150,89 +149,6 @@ def test_overlong_param_values_are_truncated_not_fatal(tmp_path):
     t.finish()
     run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(t.run_id)
     assert len(run.data.params["data.root"]) <= 6000 and run.data.params["data.root"].endswith("see config.yaml)")
-
-
-def _fake_run(client, exp_id, name, params, acc, parent=None):
-    tags = {"mlflow.parentRunId": parent} if parent else {}
-    r = client.create_run(exp_id, run_name=name, tags=tags)
-    for k, v in params.items():
-        client.log_param(r.info.run_id, k, v)
-    for k, v in {
-        "test/acc": acc,
-        "val/acc": acc,
-        "test/prior_acc": 0.1,
-        "data/n_test": 1000,
-        "test/acc/object": acc,
-        "test/acc/number": acc,
-        "test/acc/color": acc,
-        "test/acc/location": acc,
-        "params/trainable": 1e6,
-    }.items():
-        client.log_metric(r.info.run_id, k, v, step=1)
-    client.set_terminated(r.info.run_id)
-    return r.info.run_id
-
-
-def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    c = MlflowClient(uri)
-    exp = c.create_experiment("r")
-    for layers, seed, acc in [(0, 1, 0.30), (0, 2, 0.34), (2, 1, 0.50), (2, 2, 0.54), (2, 3, 0.52)]:
-        _fake_run(
-            c,
-            exp,
-            f"mapper.num_layers={layers},trainer.seed={seed}",
-            {"mapper.num_layers": layers, "trainer.seed": seed, "trainer.epochs": 1},
-            acc,
-        )
-    failed = c.create_run(exp, run_name="broken")
-    c.set_terminated(failed.info.run_id, "FAILED")
-    out = tmp_path / "rep"
-    md = make_report(uri, out, experiment="r").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| `")]
-    assert len(rows) == 2
-    assert rows[0].startswith("| `mapper.num_layers=0` | 2 | 32.0 ± 2.8")
-    assert rows[1].startswith("| `mapper.num_layers=2` | 3 | 52.0 ± 2.0")
-    assert "broken (FAILED)" in md
-    csv_rows = (out / "report.csv").read_text().splitlines()
-    assert len(csv_rows) == 3 and csv_rows[0].startswith("variant,n,test/acc")
-    assert (out / "comparison.png").stat().st_size > 5000 and (out / "learning_curves.png").is_file()
-
-
-def test_report_shows_the_paper_numbers_beside_the_paper_versions(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    c = MlflowClient(uri)
-    exp = c.create_experiment("p")
-    parent = c.create_run(exp, run_name="sweep: paper", tags={"clipqa.sweep": "true"}).info.run_id
-    for i, name in enumerate(["V1", "V2", "V3", "V4"]):
-        _fake_run(
-            c,
-            exp,
-            name,
-            {"mapper.num_layers": 0 if i == 0 else 2, "trainer.epochs": 1 + max(0, i - 1)},
-            0.3 + 0.1 * i,
-            parent,
-        )
-    _fake_run(c, exp, "elsewhere", {"mapper.num_layers": 5}, 0.9)  # not in this sweep
-    md = make_report(uri, tmp_path / "rep", experiment="p", parent_run_id=parent).read_text()
-    assert "paper acc % (80 q)" in md and "80 test questions" in md
-    v2 = next(line for line in md.splitlines() if line.startswith("| `V2`"))
-    assert v2.rstrip(" |").endswith("51.3")
-    assert "elsewhere" not in md
-
-
-def test_report_without_matching_runs_is_a_clear_error(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    MlflowClient(uri).create_experiment("empty")
-    with pytest.raises(ClipqaError, match="No finished runs"):
-        make_report(uri, tmp_path / "rep", experiment="empty")
-    with pytest.raises(ClipqaError, match="No MLflow experiment 'nope'"):
-        make_report(uri, tmp_path / "rep", experiment="nope")
-
-
-def test_wilson_interval_brackets_the_accuracy():
-    lo, hi = wilson(0.5, 80)
-    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.21, abs=0.01)  # the paper's +-11 points
 
 
 def test_ctrl_c_during_an_mlflow_write_waits_for_the_write_then_marks_the_run_killed(tmp_path):
