@@ -27,6 +27,7 @@ from clipqa.model import ClipQA
 from clipqa.pretrained import Backbone
 from clipqa.schedule import resolve_phases
 from clipqa.tracking import resolve_uri
+from clipqa.wups import split_wups
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def evaluate_checkpoint(
     image_root: str | None = None,
     batch_size: int | None = None,
 ) -> tuple[dict[str, float], object, dict[int, int]]:
-    """Metrics (``{split}/acc`` overall and per type, loss, answer prior) over every question of ``split``, the
+    """Metrics (``{split}/acc`` overall and per type, loss, answer prior, WUPS) over every question of ``split``, the
     split, and the predictions. Reads the training run's data unless ``data_root`` points at another COCO-QA-format
     folder; uses the feature cache as training did, so a run's own test split reproduces its ``test/acc``."""
     if split not in SPLITS:
@@ -134,6 +135,7 @@ def evaluate_checkpoint(
     metrics, preds = evaluate(trained.model, loader, trained.device, precision, split)
     prior_correct = [prior.get(t) == a for t, a in zip(chosen.types, chosen.answers, strict=True)]
     metrics.update(M.accuracy_by_type(prior_correct, chosen.types, f"{split}/prior_acc"))
+    metrics.update(split_wups(cfg.paths.get("wordnet"), chosen, preds, trained.labels.classes, split))
     metrics[f"data/n_{split}"] = len(chosen)
     metrics[f"data/n_{split}_evaluated"] = len(preds)
     return metrics, chosen, preds

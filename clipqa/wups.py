@@ -166,13 +166,16 @@ def _plain_folder(root: Path) -> Wups:
     return Wups(wordnet)
 
 
-def split_wups(wordnet: str | None, split, predictions: dict[int, int], classes: list[str]) -> dict[str, float]:
-    """WUPS@0.9 and WUPS@0.0 (overall and per type) of a split's predictions (question number -> class id);
-    empty without WordNet data. ``wordnet``: ``paths.wordnet`` (None: the usual places)."""
+def split_wups(
+    wordnet: str | None, split, predictions: dict[int, int], classes: list[str], name: str = "test"
+) -> dict[str, float]:
+    """WUPS@0.9 and WUPS@0.0 (overall and per type, keys ``<name>/wups_0.9`` ...) of a split's predictions
+    (question number -> class id); empty without WordNet data. ``wordnet``: ``paths.wordnet`` (None: the usual
+    places)."""
     wups = find_wordnet(wordnet)
     if wups is None:
         return {}
     rows = sorted(predictions.items())
     return wups.by_type(
-        [classes[p] for _, p in rows], [split.answers[i] for i, _ in rows], [split.types[i] for i, _ in rows]
+        [classes[p] for _, p in rows], [split.answers[i] for i, _ in rows], [split.types[i] for i, _ in rows], name
     )

@@ -43,6 +43,7 @@ def test_clipqa_eval_reproduces_the_runs_test_and_validation_accuracy_exactly(tr
     for key in ("test/acc", "test/acc/object", "test/acc/number", "test/acc/color", "test/acc/location"):
         assert again[key] == metrics[key], key  # exactly: the same weights, features and batches
     assert again["test/prior_acc"] == metrics["test/prior_acc"] and again["data/n_test_evaluated"] == 200
+    assert again["test/wups_0.9"] == metrics["test/wups_0.9"] and again["test/wups_0.0"] == metrics["test/wups_0.0"]
     assert (tmp_path / "test" / "test_predictions.tsv").read_text() == (out / "test_predictions.tsv").read_text()
     assert f"test/acc                     {metrics['test/acc']:.4f}" in stdout
     # val/acc of a run is the validation accuracy of the weights it kept
