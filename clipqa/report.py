@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import statistics
 import tempfile
 from collections import Counter
@@ -413,6 +414,35 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
+def pareto_section(client, runs: list, parent_run_id: str | None, out: Path) -> list[str]:
+    """For a multi-objective Optuna study (its front's runs tagged ``clipqa.pareto_front``): a table of the front,
+    one row per run on it, with the study's objectives (from the parent's ``optuna/optimization_results.yaml``), and
+    the sweeper's ``pareto_front.png`` copied beside the report."""
+    import yaml
+
+    front = [r for r in runs if r.data.tags.get("clipqa.pareto_front") == "true"]
+    if not front:
+        return []
+    names, directions = ["val/acc"], ["maximize"]
+    if parent_run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                results = client.download_artifacts(parent_run_id, "optuna/optimization_results.yaml", tmp)
+                study = yaml.safe_load(Path(results).read_text())
+                names, directions = list(study["metric_names"]), list(study["directions"])
+                plot = client.download_artifacts(parent_run_id, "optuna/pareto_front.png", tmp)
+                shutil.copy(plot, out / "pareto_front.png")
+            except Exception:  # an older study, or a front without a plot (more than two objectives)
+                pass
+    front.sort(key=lambda r: r.data.metrics.get(names[0], float("nan")), reverse=directions[0] == "maximize")
+    head = ["run", *[f"{n} ({d[:3]})" for n, d in zip(names, directions, strict=True)]]
+    body = [[f"`{r.info.run_name}`", *[f"{r.data.metrics.get(n, float('nan')):.4g}" for n in names]] for r in front]
+    lines = ["", f"## Pareto front ({len(front)} of {len(runs)} trials)", "", *_table(head, body)]
+    if (out / "pareto_front.png").is_file():
+        lines += ["", "![Pareto front](pareto_front.png)"]
+    return lines
+
+
 def make_report(
     uri: str | None,
     out: str | Path,
@@ -471,6 +501,10 @@ def make_report(
     out.mkdir(parents=True, exist_ok=True)
     title = f"clipqa comparison: experiment {experiment}" + (f", sweep {parent_run_id}" if parent_run_id else "")
     write_markdown(rows, out / "report.md", title, skipped)
+    front = pareto_section(client, done, parent_run_id, out)
+    if front:
+        with open(out / "report.md", "a") as f:
+            f.write("\n".join(front) + "\n")
     write_csv(rows, out / "report.csv")
     comparison_chart(rows, out / "comparison.png")
     curves = {}
