@@ -226,14 +226,14 @@ class Trainer:
 
     # ---- resume and stopping ----------------------------------------------------------------------------------------
     def checkpoint_if_due(self, state: TrainState) -> None:
-        """Every ``trainer.checkpoint_every`` steps; on SIGTERM save now, then stop."""
+        """Every ``trainer.checkpoint_every`` steps; on SIGTERM/SIGUSR2 save now, then stop."""
         if state.step % self.t.checkpoint_every == 0 or self.stop.requested:
             self.save_checkpoint(state)
         self.stop_if_requested(state)
 
     def stop_if_requested(self, state: TrainState) -> None:
         if self.stop.requested:
-            raise Preempted(f"stopped by SIGTERM at step {state.step}; re-run the same command to resume")
+            raise Preempted(f"stopped by {self.stop.reason} at step {state.step}; re-run the same command to resume")
 
     def save_checkpoint(self, state: TrainState) -> None:
         save_resume(self.out, self.resume_state(state), self.t.keep_checkpoints)

@@ -135,3 +135,20 @@ def check_test_metrics(run_dir: Path) -> None:
         hits = [h for h, t in zip(prior_hits, test.types, strict=True) if t == code]
         acc = sum(hits) / len(hits) if hits else float("nan")
         assert _same(metrics[f"test/prior_acc/{name}"], acc), (f"test/prior_acc/{name}", acc)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster for the session's SLURM tests (tests/slurm_cluster.py: its own slurm.conf via
+    SLURM_CONF, ports, state and logs in a temp folder; munged started if not running). Skipped, with the reason,
+    where SLURM is not installed; an error instead where CLIPQA_REQUIRE_SLURM=1 (.ci/run sets it)."""
+    from tests.slurm_cluster import PACKAGES, missing_programs, start_cluster
+
+    if missing := missing_programs():
+        reason = f"SLURM is not installed ({', '.join(missing)} missing): apt-get install {PACKAGES}"
+        if os.environ.get("CLIPQA_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
