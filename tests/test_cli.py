@@ -32,6 +32,7 @@ def test_unreachable_hub_model_offline_is_a_clear_error(tmp_path, cache_dir):
     assert "Traceback" not in out and "backbone.vision=no-such-org/clip" in out and "local folder" in out
 
 
+@pytest.mark.slow  # a full extra training run (fast tier <= 2 minutes)
 def test_train_py_runs_from_another_directory_and_leaves_the_run_files(tmp_path, cache_dir):
     r = run_cli(*SMALL_DEMO, "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -32,6 +32,7 @@ def test_select_tokens_all_cls_and_pooled_shapes_and_values():
     assert torch.allclose(pooled[:, 3], grid[:, 2:, 2:].mean(dim=(1, 2)), atol=1e-6)  # bottom-right
 
 
+@pytest.mark.slow  # a full extra training run (fast tier <= 2 minutes)
 def test_cached_and_uncached_training_give_the_same_metrics(tmp_path, cache_dir, caplog):
     caplog.set_level("INFO")
     runs = {}
