@@ -2,14 +2,14 @@
 that the `slurm_cluster` fixture starts (tests/slurm_cluster.py): a job array nested under one MLflow parent with the
 sweep's report; a job preempted (`scontrol requeue`: SIGTERM, SLURM requeues) and warned of its time limit (USR2:
 submitit requeues) continues from its checkpoint in the same MLflow run, ending with the uninterrupted metrics; a
-sweep whose submitting process died is re-submitted and only its unfinished jobs train; an Optuna study
-(sweeps/optuna.yaml) runs its trials as SLURM jobs.
+sweep whose submitting process died is re-submitted and only its unfinished jobs train; a failing job is FAILED in
+MLflow and the submitting command says why; an Optuna study (sweeps/optuna.yaml) runs its trials as SLURM jobs.
 
 Each job is checked through SLURM's own record (the cluster's jobcomp log: job ids, states, exit codes)."""
 
-import functools
+import contextlib
 import json
-import operator
+import os
 import signal
 import subprocess
 import sys
@@ -146,10 +146,62 @@ def task_pid(cluster, job_id: str) -> int:
     return pid
 
 
-def pending_signals(pid: int) -> int:
-    """The signals sent to ``pid`` and not handled yet (a stopped process keeps them pending)."""
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return functools.reduce(operator.or_, (int(x.split()[1], 16) for x in lines if x.startswith(("SigPnd", "ShdPnd"))))
+def test_a_preempted_and_timed_out_job_is_requeued_and_ends_with_the_uninterrupted_metrics(slurm_cluster, tmp_path):
+    ref = subprocess.Popen(  # the same run without SLURM or interruptions, alongside
+        [sys.executable, str(ROOT / "train.py"), *LONG, f"hydra.run.dir={tmp_path / 'ref'}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "ref.log").open("w"),
+    )
+    sweep, log = tmp_path / "sweep", tmp_path / "submit.log"
+    proc = submit(slurm_cluster, [*sweep_command(*LONG, *tracked(tmp_path, "r")), f"hydra.sweep.dir={sweep}"], log)
+    job = sweep / "0"
+    wait_for("checkpoint at step 40", checkpoint_at_least(job, 40), proc, log=log)
+    (line,) = slurm_cluster.queue()
+    job_id = line.split()[0]
+    run_id = (job / "mlflow_run_id.txt").read_text().strip()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+
+    # 1. preemption: SLURM sends SIGTERM and requeues the job itself (scontrol requeue is what PreemptMode=REQUEUE does)
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    tags = wait_until_resumable(client, run_id, proc, log)
+    assert "stopped by SIGTERM at step" in tags["error"]
+    # 2. the time limit: cut to 150 s from now, so SLURM sends USR2 (sbatch --signal=USR2@120, the launcher config's
+    #    signal_delay_s) at its next time-limit check (every 30 s); clipqa checkpoints, then submitit requeues the job.
+    #    The job's process is held (SIGSTOP) until then, so the signal lands mid-training however fast it trains:
+    #    SLURM sends SIGCONT with it.
+    wait_for("checkpoint at step 80 after the requeue", checkpoint_at_least(job, 80), proc, log=log)
+    pid = task_pid(slurm_cluster, job_id)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        limit = time_limit_in(slurm_cluster, job_id, 150)
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit}")
+        tags = wait_until_resumable(client, run_id, proc, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # (only if the test failed: SLURM continued it)
+    assert "stopped by SIGUSR2 at step" in tags["error"]
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=240")  # the requeued run: time enough
+    finish(proc, log)
+    slurm_cluster.wait_idle()
+    assert ref.wait(900) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+
+    metrics = json.loads((job / "metrics.json").read_text())
+    uninterrupted = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert same(metrics, uninterrupted), {k: (metrics[k], uninterrupted[k]) for k in metrics}
+    check_test_metrics(job)
+    runs = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    (child,) = [x for x in runs if x.data.tags.get("clipqa.sweep") != "true"]  # one MLflow run, continued twice
+    assert child.info.run_id == run_id and child.info.status == "FINISHED"
+    assert child.data.tags["clipqa.resumable"] == "false"  # resumed: no longer waiting for it
+    assert child.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    train_log = (job / "train.log").read_text()
+    assert train_log.count("resuming from") == 2
+    assert "handing SIGUSR2 on to SignalHandler.checkpoint_and_try_requeue" in train_log  # submitit requeued it
+    # SLURM's record: ended twice to be requeued (the first run's exit status 75 shows as DerivedExitCode), then done
+    rows = [r for r in slurm_cluster.jobs() if job_id in (r["JobId"], r.get("ArrayJobId"))]
+    assert [r["JobState"] for r in rows][-1] == "COMPLETED" and len(rows) == 3, rows
+    assert all(r["JobState"] != "COMPLETED" for r in rows[:-1]), rows
 
 
 def test_a_sweep_whose_submitting_process_died_is_resubmitted_and_only_unfinished_jobs_train(slurm_cluster, tmp_path):
@@ -191,6 +243,22 @@ def test_a_sweep_whose_submitting_process_died_is_resubmitted_and_only_unfinishe
     second = [r for r in slurm_cluster.jobs() if r.get("ArrayJobId") == second_id]
     assert sorted(r["ArrayTaskId"] for r in second) == ["0", "1", "2"]
     assert all(r["JobState"] == "COMPLETED" for r in second)
+
+
+def test_a_failing_job_is_failed_in_mlflow_and_reported_by_the_launcher(slurm_cluster, tmp_path):
+    sweep, log = tmp_path / "sweep", tmp_path / "submit.log"
+    cmd = sweep_command(*SMALL_DEMO, *tracked(tmp_path, "f"), "trainer.max_steps=4")
+    cmd += ["trainer.init_from=null,/nonexistent/best.pt", f"hydra.sweep.dir={sweep}"]
+    proc = submit(slurm_cluster, cmd, log)
+    assert proc.wait(900) != 0
+    assert "trainer.init_from=/nonexistent/best.pt: no such file" in log.read_text()  # the submitting command says why
+    slurm_cluster.wait_idle()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("f").experiment_id])
+    status = {x.info.run_name: x.info.status for x in runs if x.data.tags.get("clipqa.sweep") != "true"}
+    assert status == {"trainer.init_from=null": "FINISHED", "trainer.init_from=/nonexistent/best.pt": "FAILED"}
+    (failed,) = [x for x in runs if x.info.status == "FAILED"]
+    assert "no such file" in failed.data.tags["error"]
 
 
 def test_an_optuna_study_runs_its_trials_as_slurm_jobs(slurm_cluster, tmp_path):
