@@ -6,6 +6,7 @@ not used: the system binary is launched). The screenshot is kept under tests/art
 
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,26 @@ BROWSER_ARGS = [
 ]
 
 
+@contextmanager
+def ui_page(db: str, route: str, width: int, height: int):
+    """An `mlflow server` on ``db`` (127.0.0.1, a free port) and a headless Chromium page open at ``route``."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    server = start_server(db, port)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(f"http://127.0.0.1:{port}/#/{route}")
+            yield page
+            browser.close()
+    finally:
+        stop(server)
+
+
 def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import sync_playwright
 
     db = f"sqlite:///{tmp_path / 'm.db'}"
     small = [*SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=600", "data.synthetic.n_test=100"]
@@ -50,43 +68,34 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
     accs = {x.info.run_name: x.data.metrics["test/acc"] for x in children}
     assert set(accs) == {"mapper.num_layers=0", "mapper.num_layers=1"}
 
-    port = free_port()
-    server = start_server(db, port)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = browser.new_page(viewport={"width": 2000, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs")
-            page.get_by_text("matching runs").wait_for(timeout=60_000)
-            # Show the test/acc column (Columns -> search -> tick it).
-            page.get_by_role("button", name="Columns").click()
-            page.get_by_placeholder("Search columns").fill("test/acc")
-            # The filtered Metrics group may or may not be expanded already: expand it only while test/acc is hidden.
-            title = page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).first
-            switcher = (
-                page.locator("[class*='tree-treenode']")
-                .filter(has_text="Metrics (")
-                .locator("[class*='tree-switcher']")
-                .first
-            )
-            for _ in range(10):
-                page.wait_for_timeout(1000)
-                if title.is_visible():
-                    break
-                switcher.click()
-            title.click()
-            page.keyboard.press("Escape")
-            # Expand the sweep's parent run to show its children.
-            page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
-            for name in accs:
-                page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+    with ui_page(db, f"experiments/{exp.experiment_id}/runs", 2000, 900) as page:
+        page.get_by_text("matching runs").wait_for(timeout=60_000)
+        # Show the test/acc column (Columns -> search -> tick it).
+        page.get_by_role("button", name="Columns").click()
+        page.get_by_placeholder("Search columns").fill("test/acc")
+        # The filtered Metrics group may or may not be expanded already: expand it only while test/acc is hidden.
+        title = page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).first
+        switcher = (
+            page.locator("[class*='tree-treenode']")
+            .filter(has_text="Metrics (")
+            .locator("[class*='tree-switcher']")
+            .first
+        )
+        for _ in range(10):
             page.wait_for_timeout(1000)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_runs.png"))
-            grid = page.locator("[role='grid']").first.inner_text()
-            browser.close()
-    finally:
-        stop(server)
+            if title.is_visible():
+                break
+            switcher.click()
+        title.click()
+        page.keyboard.press("Escape")
+        # Expand the sweep's parent run to show its children.
+        page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+        for name in accs:
+            page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_ui_runs.png"))
+        grid = page.locator("[role='grid']").first.inner_text()
     for name, acc in accs.items():
         assert name in grid
         assert f"{acc:.2f}".rstrip("0").rstrip(".") in grid or str(round(acc, 4)) in grid, (acc, grid[:2000])
@@ -95,7 +104,6 @@ def test_runs_and_their_test_accuracy_are_visible_in_the_mlflow_ui(tmp_path):
 def test_a_runs_logged_model_is_listed_in_the_mlflow_ui(tmp_path):
     """A single run logs its model (tracking.log_model, on for single runs): the run page lists it, registered."""
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import sync_playwright
 
     db = f"sqlite:///{tmp_path / 'm.db'}"
     args = [*SMALL_DEMO, "tracking=mlflow", "trainer.max_steps=4", "tracking.register_as=ui-model"]
@@ -103,22 +111,13 @@ def test_a_runs_logged_model_is_listed_in_the_mlflow_ui(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
     exp_id = MlflowClient(db).get_run(run_id).info.experiment_id
-    port = free_port()
-    server = start_server(db, port)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{run_id}")
-            section = page.get_by_text("Logged models (1)")
-            section.wait_for(timeout=60_000)
-            section.scroll_into_view_if_needed()
-            page.wait_for_timeout(1000)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_model.png"))
-            body = page.inner_text("body")
-            browser.close()
-    finally:
-        stop(server)
+    with ui_page(db, f"experiments/{exp_id}/runs/{run_id}", 1600, 1000) as page:
+        section = page.get_by_text("Logged models (1)")
+        section.wait_for(timeout=60_000)
+        section.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_ui_model.png"))
+        body = page.inner_text("body")
     listed = body[body.index("Logged models (1)") :][:600]
     assert "\nmodel\nReady\n" in listed and "ui-model" in listed, listed
