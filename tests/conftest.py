@@ -152,3 +152,21 @@ def slurm_cluster(tmp_path_factory):
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session's shared-services tests (tests/postgres.py: initdb + pg_ctl in a temp
+    folder, 127.0.0.1 and a port of its own, a password-protected superuser). ``postgres.create_database(name)``
+    returns a SQLAlchemy URL. Skipped where PostgreSQL is not installed; an error instead where
+    CLIPQA_REQUIRE_POSTGRES=1 (.ci/run sets it)."""
+    from tests.postgres import PACKAGE, bin_dir, start_postgres
+
+    if bin_dir() is None:
+        reason = f"PostgreSQL is not installed: apt-get install {PACKAGE}"
+        if os.environ.get("CLIPQA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = start_postgres()
+    yield server
+    server.stop()
