@@ -8,6 +8,8 @@ import logging
 import math
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,10 @@ from clipqa.data import (
     index_images,
     read_split,
     train_val_split,
+    worker_context,
 )
 from clipqa.demo_data import ensure_demo
+from clipqa.devices import lease_folder, lease_gpu, visible_gpu_count
 from clipqa.errors import ClipqaError
 from clipqa.features import FeatureDataset, FeatureStore, ensure_store
 from clipqa.model import ClipQA
@@ -47,6 +51,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def claim_device(name: str, cache_dir: str, gpu_lease: bool, holder: str, stop=None) -> Iterator[torch.device]:
+    """The run's device, held for the ``with`` block: ``auto``/``cuda`` with several GPUs visible lease one
+    (:mod:`clipqa.devices`), so concurrent jobs on one machine each train on a GPU of their own; ``cuda:K`` pins."""
+    count = visible_gpu_count()
+    if name not in ("auto", "cuda") or count == 0 or not gpu_lease:
+        yield pick_device(name)
+        return
+    with lease_gpu(lease_folder(cache_dir), count, holder, stop) as index:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)  # kernels and caches that use "cuda" (the current device) follow it
+        else:  # CLIPQA_FAKE_GPU_COUNT on a machine without CUDA: the lease is real, the training runs on the CPU
+            device = torch.device("cpu")
+        log.info("leased GPU %d of %d <trainer.gpu_lease=true>, training on %s", index, count, device)
+        yield device
 
 
 def pick_device(name: str) -> torch.device:
@@ -190,6 +212,7 @@ def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bo
         generator=torch.Generator().manual_seed(0),
         pin_memory=pin,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),  # joblib launcher: loky's context cannot start them
     )
 
 

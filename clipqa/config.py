@@ -44,8 +44,22 @@ class DataConfig:
 
 
 @dataclass
+class TinyPretrainConfig:
+    """backbone=tiny_pretrained: how the tiny models are pretrained (clipqa/tiny_pretrain.py) before first use."""
+
+    seed: int = MISSING  # the pretraining world's scenes and pictures (not the demo data's seed)
+    documents: int = MISSING  # text documents (a caption + questions with answers) for masked-LM
+    pictures: int = MISSING  # rendered pictures for the vision tower
+    text_steps: int = MISSING
+    vision_steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
 class TinyBackboneConfig:
-    """Small random-init CLIP vision + DistilBERT, built from configs and saved/re-loaded via from_pretrained."""
+    """Small CLIP vision + DistilBERT, built from configs (random-init or pretrained), saved/re-loaded via
+    from_pretrained."""
 
     image_size: int = MISSING
     patch_size: int = MISSING
@@ -54,8 +68,9 @@ class TinyBackboneConfig:
     text_dim: int = MISSING
     text_layers: int = MISSING
     heads: int = MISSING
-    vocab_size: int = MISSING  # WordPiece vocabulary trained on the data's own text
+    vocab_size: int = MISSING  # WordPiece vocabulary trained on the data's own text (pretrained: on its corpus)
     seed: int = MISSING
+    pretrain: TinyPretrainConfig | None = MISSING  # None: random init
 
 
 @dataclass
@@ -144,6 +159,7 @@ class PhaseConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = MISSING
+    epoch_multiplier: int = MISSING  # every phase's epochs (and epochs) times this; experiment=demo sets it
     max_steps: int | None = MISSING  # stop after this many optimizer steps (None: run all epochs)
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
@@ -151,6 +167,7 @@ class TrainerConfig:
     log_every: int = MISSING
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N
+    gpu_lease: bool = MISSING  # auto/cuda with several GPUs: each concurrent job leases one (clipqa/devices.py)
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     num_workers: int | None = MISSING  # None: auto (2 decoding images, 0 reading cached features)
     compile: bool = MISSING  # torch.compile the text model
@@ -258,7 +275,7 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
     if o.weight_decay < 0:
         _fail("optimizer.weight_decay", o.weight_decay, "must be >= 0", "use 0 or a small positive value")
     _check_optimizer_target(o._target_)
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+    for key in ("epochs", "epoch_multiplier", "batch_size", "eval_batch_size", "eval_every", "log_every"):
         if t[key] <= 0:
             _fail(f"trainer.{key}", t[key], "must be > 0", f"pass a positive integer, e.g. trainer.{key}=1")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -300,6 +317,10 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
             "must be >= 1",
             "use 64 (COCO-QA questions are shorter than 64 tokens)",
         )
+    pre = c.backbone.tiny.pretrain if c.backbone.tiny is not None else None
+    for key in ("documents", "pictures", "text_steps", "vision_steps", "batch_size", "lr") if pre is not None else ():
+        if pre[key] <= 0:
+            _fail(f"backbone.tiny.pretrain.{key}", pre[key], "must be > 0", "see conf/backbone/tiny_pretrained.yaml")
     if c.backbone.tiny is None and (c.backbone.vision is None or c.backbone.text is None):
         _fail(
             "backbone.vision",

@@ -13,6 +13,7 @@ Every problem with these files raises ClipqaError naming the file (and line) and
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -305,3 +306,14 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n - self.start
+
+
+def worker_context(num_workers: int):
+    """The start method for DataLoader workers: ``fork`` where the platform has it (Linux's default anyway).
+
+    Why explicit: Hydra's joblib launcher runs each job in a loky worker process, whose default multiprocessing
+    context is loky's own; DataLoader workers started from there fail ("'Process' object has no attribute 'env'").
+    """
+    if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None

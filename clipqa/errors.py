@@ -11,7 +11,8 @@ class ClipqaError(Exception):
 
 
 class Preempted(Exception):
-    """SIGTERM (what SLURM sends before preempting) arrived: a checkpoint was saved; re-run to resume."""
+    """SIGTERM (what SLURM sends before preempting) or SIGUSR2 (its time-limit warning) arrived: a checkpoint was
+    saved where training had started; re-run the same command to resume."""
 
 
 EXIT_PREEMPTED = 75  # train.py's exit status after a SIGTERM checkpoint (EX_TEMPFAIL: run it again)

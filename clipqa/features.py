@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipqa.data import load_pixels
+from clipqa.data import load_pixels, worker_context
 from clipqa.image_tokens import n_selected, select_tokens
 from clipqa.pretrained import n_image_tokens
 
@@ -264,6 +264,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # not the global RNG: a run draws the same dropout noise, cache built or not
+        multiprocessing_context=worker_context(num_workers),  # joblib launcher: loky's context cannot start them
     )
     bad: dict[str, str] = {}
     row_bytes = n_tok * shape[2] * np.dtype(np_dtype).itemsize

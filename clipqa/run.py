@@ -24,9 +24,9 @@ from clipqa.build import (
     build_labels,
     build_loaders,
     build_model,
+    claim_device,
     keep_freed_memory,
     load_data,
-    pick_device,
     resolve_precision,
     seed_everything,
     warn_long_questions,
@@ -87,7 +87,9 @@ def train(
         tracker.set_tags({"clipqa.resumable": "false"})
     with stop_on_signals() as stop:  # SIGTERM (preemption) or SIGUSR2 (time limit): checkpoint, stop
         try:
-            results = _run(cfg, out, resolved, tracker, info, on_validation, resumed, stop)
+            t = cfg.trainer
+            with claim_device(t.device, cfg.paths.cache_dir, t.gpu_lease, str(out), stop) as device:
+                results = _run(cfg, out, resolved, tracker, info, on_validation, resumed, stop, device)
         except BaseException as e:
             end_tracked_run(tracker, e, out)
             raise
@@ -96,12 +98,11 @@ def train(
     return results
 
 
-def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_validation, resumed, stop) -> dict:
-    # 1. seed, device ----------------------------------------------------------------------------------------------
+def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_validation, resumed, stop, device) -> dict:
+    # 1. seed, precision (the device is claimed by the caller: a GPU lease lasts the whole run) ----------------------
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
     t = cfg.trainer
     seed_everything(t.seed)
-    device = pick_device(t.device)
     precision = resolve_precision(t.precision, device)
     log.info(
         "device %s <trainer.device=%s>, precision %s <trainer.precision=%s>", device, t.device, precision, t.precision
