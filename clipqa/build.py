@@ -34,7 +34,7 @@ from clipqa.data import (
     worker_context,
 )
 from clipqa.demo_data import ensure_demo
-from clipqa.devices import lease_folder, lease_gpu, visible_gpu_count
+from clipqa.devices import lease_folder, lease_gpu, visible_gpus
 from clipqa.errors import ClipqaError
 from clipqa.features import FeatureDataset, FeatureStore, ensure_store
 from clipqa.model import ClipQA
@@ -56,18 +56,19 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def claim_device(name: str, cache_dir: str, gpu_lease: bool, holder: str, stop=None) -> Iterator[torch.device]:
     """The run's device, held for the ``with`` block: ``auto``/``cuda`` with several GPUs visible lease one
-    (:mod:`clipqa.devices`), so concurrent jobs on one machine each train on a GPU of their own; ``cuda:K`` pins."""
-    count = visible_gpu_count()
-    if name not in ("auto", "cuda") or count == 0 or not gpu_lease:
+    (:mod:`clipqa.devices`), so concurrent jobs on one machine each train on a GPU of their own; ``cuda:K`` pins.
+    With one GPU visible (one GPU, or SLURM's binding) there is nothing to choose: no lease, as before."""
+    gpus = visible_gpus()
+    if name not in ("auto", "cuda") or len(gpus) < 2 or not gpu_lease:
         yield pick_device(name)
         return
-    with lease_gpu(lease_folder(cache_dir), count, holder, stop) as index:
+    with lease_gpu(lease_folder(cache_dir), gpus, holder, stop) as index:
         if torch.cuda.is_available():
             device = torch.device("cuda", index)
             torch.cuda.set_device(device)  # kernels and caches that use "cuda" (the current device) follow it
         else:  # CLIPQA_FAKE_GPU_COUNT on a machine without CUDA: the lease is real, the training runs on the CPU
             device = torch.device("cpu")
-        log.info("leased GPU %d of %d <trainer.gpu_lease=true>, training on %s", index, count, device)
+        log.info("leased GPU %d of %d <trainer.gpu_lease=true>, training on %s", index, len(gpus), device)
         yield device
 
 

@@ -1,8 +1,9 @@
 """GPU leases: concurrent jobs on one machine (``hydra/launcher=joblib hydra.launcher.n_jobs=N``) each take a GPU of
 their own instead of all landing on ``cuda:0``.
 
-A lease is an exclusive ``flock`` on one lock file per GPU, ``<paths.cache_dir>/gpu-leases/<host>/cuda<K>.lock``:
-a job takes the first GPU whose lock is free and holds it until the job ends. Jobs may finish in any order; a job
+A lease is an exclusive ``flock`` on one lock file per GPU, ``<paths.cache_dir>/gpu-leases/<host>/gpu-<UUID>.lock``
+(named by the GPU's UUID, not its index, which depends on ``CUDA_VISIBLE_DEVICES``): a job takes the first GPU
+whose lock is free and holds it until the job ends. Jobs may finish in any order; a job
 that dies (SIGKILL, out of memory) loses its lock with its file descriptors, so the operating system hands the GPU
 back with no stale lease to clean up. The host name in the path keeps machines that share one cache folder (the
 team setup's shared feature cache) from leasing each other's GPUs. ``filelock`` (already the feature cache's build
@@ -37,11 +38,14 @@ FAKE_COUNT_ENV = "CLIPQA_FAKE_GPU_COUNT"
 LEASE_FOLDER = "gpu-leases"
 
 
-def visible_gpu_count() -> int:
-    """CUDA GPUs this process may use (``CUDA_VISIBLE_DEVICES`` and SLURM's GPU binding apply)."""
+def visible_gpus() -> list[str]:
+    """A name for each CUDA GPU this process may use, in index order: the GPU's UUID, so the lease follows the
+    physical GPU (two SLURM jobs on one node each see their own GPU as ``cuda:0``; ``CUDA_VISIBLE_DEVICES`` too)."""
     if fake := os.environ.get(FAKE_COUNT_ENV):
-        return int(fake)
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"fake{i}" for i in range(int(fake))]
+    if not torch.cuda.is_available():
+        return []
+    return [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
 
 
 def lease_folder(cache_dir: str | Path) -> Path:
@@ -50,9 +54,10 @@ def lease_folder(cache_dir: str | Path) -> Path:
 
 @contextmanager
 def lease_gpu(
-    folder: Path, count: int, holder: str, stop=None, poll_s: float = 1.0, report_every_s: float = 60.0
+    folder: Path, gpus: list[str], holder: str, stop=None, poll_s: float = 1.0, report_every_s: float = 60.0
 ) -> Iterator[int]:
-    """Hold the first free one of ``count`` GPUs (its index) for the ``with`` block; wait while all are leased.
+    """Hold the first free one of ``gpus`` (:func:`visible_gpus`) for the ``with`` block, yielding its index; wait
+    while all are leased.
 
     ``stop`` (a :class:`clipqa.signals.StopRequest`): a SIGTERM/SIGUSR2 while waiting ends the wait with
     :class:`Preempted`, as it would end training (nothing trained yet, so nothing to save)."""
@@ -60,14 +65,14 @@ def lease_gpu(
     waited_since = time.monotonic()
     next_report = waited_since
     while True:
-        for index in range(count):
-            lock = filelock.FileLock(folder / f"cuda{index}.lock", timeout=0)
+        for index, gpu in enumerate(gpus):
+            lock = filelock.FileLock(folder / f"{gpu}.lock", timeout=0)
             try:
                 lock.acquire()
             except filelock.Timeout:
                 continue
             # Who holds it, for the waiting jobs' messages (a separate file: the lock file is truncated on open).
-            holder_file = folder / f"cuda{index}.holder"
+            holder_file = folder / f"{gpu}.holder"
             holder_file.write_text(f"{holder} (pid {os.getpid()})\n")
             try:
                 yield index
@@ -77,10 +82,10 @@ def lease_gpu(
             return
         now = time.monotonic()
         if now >= next_report:
-            holders = [_read(folder / f"cuda{i}.holder") for i in range(count)]
+            holders = [_read(folder / f"{gpu}.holder") for gpu in gpus]
             log.info(
                 "all %d GPUs are leased by other jobs (%s); waiting %.0f s so far <trainer.gpu_lease=true>",
-                count,
+                len(gpus),
                 "; ".join(f"cuda:{i}: {h}" for i, h in enumerate(holders)),
                 now - waited_since,
             )

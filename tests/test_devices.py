@@ -25,8 +25,12 @@ from clipqa.signals import StopRequest
 from tests.conftest import SMALL_DEMO
 
 
+def _gpus(count: int) -> list[str]:
+    return [f"fake{i}" for i in range(count)]
+
+
 def _hold(folder: str, count: int, seconds: float, record: str) -> None:
-    with lease_gpu(Path(folder), count, holder=f"job {os.getpid()}", poll_s=0.05) as index:
+    with lease_gpu(Path(folder), _gpus(count), holder=f"job {os.getpid()}", poll_s=0.05) as index:
         start = time.time()
         time.sleep(seconds)
         end = time.time()
@@ -58,12 +62,12 @@ def test_concurrent_jobs_never_share_a_gpu_and_all_gpus_are_used(tmp_path):
 def test_leases_in_one_process_exclude_each_other_and_release_out_of_order(tmp_path):
     """Jobs finish in any order: the GPU a finished job held is the next one handed out."""
     folder = tmp_path / "locks"
-    with lease_gpu(folder, 3, "a") as first:
-        with lease_gpu(folder, 3, "b") as second:
+    with lease_gpu(folder, _gpus(3), "a") as first:
+        with lease_gpu(folder, _gpus(3), "b") as second:
             assert (first, second) == (0, 1)
-            with lease_gpu(folder, 3, "c") as third:
+            with lease_gpu(folder, _gpus(3), "c") as third:
                 assert third == 2
-        with lease_gpu(folder, 3, "d") as again:  # "b" ended first, while "a" still runs
+        with lease_gpu(folder, _gpus(3), "d") as again:  # "b" ended first, while "a" still runs
             assert again == 1
 
 
@@ -75,7 +79,7 @@ def test_a_killed_jobs_gpu_is_free_again(tmp_path):
 import time
 from pathlib import Path
 from clipqa.devices import lease_gpu
-with lease_gpu(Path({str(folder)!r}), 1, "victim") as index:
+with lease_gpu(Path({str(folder)!r}), ["fake0"], "victim") as index:
     print(index, flush=True)
     time.sleep(600)
 """],
@@ -98,7 +102,7 @@ with lease_gpu(Path({str(folder)!r}), 1, "victim") as index:
 
 
 def _lease_once(folder: Path) -> int:
-    with lease_gpu(folder, 1, "waiter", poll_s=0.05) as index:
+    with lease_gpu(folder, _gpus(1), "waiter", poll_s=0.05) as index:
         return index
 
 
@@ -107,9 +111,9 @@ def test_a_stop_signal_ends_the_wait_for_a_gpu(tmp_path):
     folder = tmp_path / "locks"
     stop = StopRequest()
     stop.requested, stop.signals = True, [signal.SIGTERM]
-    with lease_gpu(folder, 1, "busy"):
+    with lease_gpu(folder, _gpus(1), "busy"):
         with pytest.raises(Preempted, match="SIGTERM while waiting for a free GPU"):
-            with lease_gpu(folder, 1, "waiting", stop=stop, poll_s=0.01):
+            with lease_gpu(folder, _gpus(1), "waiting", stop=stop, poll_s=0.01):
                 pass
 
 
@@ -161,11 +165,11 @@ def test_a_pinned_device_takes_no_lease_and_auto_does(tmp_path, monkeypatch):
     from clipqa.build import claim_device
     from clipqa.devices import lease_folder
 
-    monkeypatch.setenv("CLIPQA_FAKE_GPU_COUNT", "1")
+    monkeypatch.setenv("CLIPQA_FAKE_GPU_COUNT", "2")
     cache = str(tmp_path / "cache")
     stop = StopRequest()
     stop.requested, stop.signals = True, [signal.SIGUSR2]
-    with lease_gpu(lease_folder(cache), 1, "busy"):
+    with lease_gpu(lease_folder(cache), _gpus(2), "busy"), lease_gpu(lease_folder(cache), _gpus(2), "busy too"):
         with claim_device("cpu", cache, True, "pinned", stop) as device:
             assert device.type == "cpu"
         with claim_device("auto", cache, False, "lease off", stop) as device:
@@ -174,4 +178,7 @@ def test_a_pinned_device_takes_no_lease_and_auto_does(tmp_path, monkeypatch):
             with claim_device("auto", cache, True, "leasing", stop):
                 pass
     with claim_device("auto", cache, True, "leasing") as device:
-        assert (lease_folder(cache) / "cuda0.holder").read_text().startswith("leasing")
+        assert (lease_folder(cache) / "fake0.holder").read_text().startswith("leasing")
+    monkeypatch.setenv("CLIPQA_FAKE_GPU_COUNT", "1")  # one GPU: nothing to choose, so no lease and no waiting
+    with lease_gpu(lease_folder(cache), _gpus(1), "busy"), claim_device("auto", cache, True, "alone") as device:
+        assert not (lease_folder(cache) / "fake0.holder").read_text().startswith("alone")
