@@ -1,7 +1,13 @@
 """A Hydra multirun in MLflow: its parent run, the comparison report at its end, and an Optuna study's best trial.
 
 :class:`MlflowSweepCallback` is registered in ``conf/config.yaml`` under ``hydra.callbacks``; the Optuna sweeper
-calls :func:`mark_best_trial` / :func:`mark_pareto_front` (and :func:`fail_sweep` when it stops with an error).
+calls :func:`mark_study` at its start, :func:`mark_best_trial` / :func:`mark_pareto_front` at its end (and
+:func:`fail_sweep` when it stops with an error).
+
+An Optuna study worked on by several sweeper processes (or resumed by later sweeps) has one parent run per sweep
+process; each parent is tagged with the study (``clipqa.optuna_study``, ``clipqa.optuna_storage``), and the report
+written at the end of each sweep covers every trial run of the study, under any of those parents: the last worker to
+finish writes the report of the whole study.
 Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking`.
 """
 
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from clipqa.errors import ClipqaError
 from clipqa.metrics import OBJECTIVE
 from clipqa.report import make_report
 from clipqa.tracking import (
@@ -26,6 +34,7 @@ from clipqa.tracking import (
     override_key,
     read_parent,
     resolve_uri,
+    server_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,13 @@ class MlflowSweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # the tracking preflight (login, permission, credentials in tracking.uri): exit 2 before any job
+            self._start_parent(config)
+        except ClipqaError as e:  # (Hydra would turn the exception into a warning and run every job anyway)
+            log.error("clipqa: error: %s", e)
+            sys.exit(2)
+
+    def _start_parent(self, config: DictConfig) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         if config.tracking.backend == "none":
@@ -53,7 +69,8 @@ class MlflowSweepCallback(Callback):
         if existing and existing["uri"] == uri:  # the sweep is being re-run (resumed): keep its parent run
             from mlflow.tracking import MlflowClient
 
-            MlflowClient(tracking_uri=uri).update_run(existing["run_id"], status="RUNNING")
+            with server_errors(uri, config.tracking.experiment):
+                MlflowClient(tracking_uri=uri).update_run(existing["run_id"], status="RUNNING")
             log.info("continuing the sweep's MLflow parent run %s", existing["run_id"])
             return
         shown = [o for o in overrides if not override_key(o).startswith(NOT_VARIANT_PREFIXES)]
@@ -79,13 +96,53 @@ class MlflowSweepCallback(Callback):
         run = client.get_run(parent["run_id"])
         try:
             out = sweep_dir / "report"
-            make_report(parent["uri"], experiment_id=run.info.experiment_id, parent_run_id=parent["run_id"], out=out)
+            runs = _study_runs(client, run)
+            if runs is None:  # this sweep's jobs
+                make_report(
+                    parent["uri"], experiment_id=run.info.experiment_id, parent_run_id=parent["run_id"], out=out
+                )
+            else:  # an Optuna study shared with other sweeps: all of its trials
+                ids = ", ".join(f"'{r}'" for r in runs)
+                make_report(
+                    parent["uri"], experiment_id=run.info.experiment_id, filter_string=f"attributes.run_id IN ({ids})",
+                    out=out,
+                )  # fmt: skip
             for f in sorted(out.iterdir()):
                 client.log_artifact(parent["run_id"], str(f), "report")
             log.info("sweep report: %s", out / "report.md")
         except Exception as e:  # a report problem must not hide the sweep's results
             log.warning("could not write the sweep report: %s", e)
         _close_parent(client, parent["run_id"], run.info.experiment_id)
+
+
+STUDY_TAG, STORAGE_TAG = "clipqa.optuna_study", "clipqa.optuna_storage"
+
+
+def _study_runs(client, parent) -> list[str] | None:
+    """The runs of all trials of the parent's Optuna study, under every sweep parent of that study (workers that ran
+    alongside, earlier sweeps of a resumed study); None when the parent is not an Optuna study's or is its only
+    sweep (then the report is the parent's children, as for any multirun)."""
+    study, storage = parent.data.tags.get(STUDY_TAG), parent.data.tags.get(STORAGE_TAG)
+    if study is None or storage is None or "'" in study + storage:  # (a quote cannot be searched for)
+        return None
+    exp = parent.info.experiment_id
+    parents = client.search_runs([exp], f"tags.`{STUDY_TAG}` = '{study}' and tags.`{STORAGE_TAG}` = '{storage}'")
+    if len(parents) < 2:
+        return None
+    ids = []
+    for p in parents:
+        children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{p.info.run_id}'", max_results=50000)
+        ids += [c.info.run_id for c in children]
+    return ids or None
+
+
+def mark_study(config: DictConfig, study_name: str, storage: str) -> None:
+    """Name the Optuna study on the sweep's parent run (``storage`` without credentials), so that the end-of-sweep
+    report covers every sweep that worked on the study."""
+    if (found := _parent_client(config)) is not None:
+        client, parent_id, _ = found
+        client.set_tag(parent_id, STUDY_TAG, study_name)
+        client.set_tag(parent_id, STORAGE_TAG, storage)
 
 
 def job_counts(children: list) -> dict[str, int]:

@@ -9,6 +9,9 @@
   SQLite store once: two processes creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib
   launcher), find it through a small file in the sweep folder and nest under it (``mlflow.parentRunId``).
 - ``mlflow`` is imported lazily, so ``tracking=none`` runs never pay for it.
+- A shared server with logins (MLflow's basic-auth app): credentials come only from MLFLOW_TRACKING_USERNAME /
+  MLFLOW_TRACKING_PASSWORD (a URI with credentials is refused); a refused login or a missing permission on the
+  experiment stops the run before training with one error (:func:`server_errors`, also around the sweep's parent).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from clipqa.errors import ClipqaError
 from clipqa.paths import PROJECT_DIR, absolute_sqlite, project_sqlite
 
 log = logging.getLogger(__name__)
@@ -64,8 +68,87 @@ def hydra_run_info() -> RunInfo:
 
 
 def resolve_uri(uri: str | None) -> str:
-    """``None`` -> the project's SQLite store; a relative ``sqlite:///`` path -> absolute (cwd-independent)."""
+    """``None`` -> the project's SQLite store; a relative ``sqlite:///`` path -> absolute (cwd-independent).
+
+    A URI with credentials (``http://user:secret@host``) is refused: the override would stay in Hydra's
+    ``.hydra/overrides.yaml``, ``config.yaml`` and the MLflow params; credentials come from the environment.
+    """
+    if uri and without_credentials(uri) != uri:
+        scrub_hydra_files(uri)
+        raise ClipqaError(
+            "tracking.uri (or $MLFLOW_TRACKING_URI) has a user name or password in it (a URI like "
+            f"{_with_placeholders(uri)}): config.yaml, Hydra's .hydra/ files and the MLflow params would keep them, so "
+            f"clipqa refuses it. Fix: use tracking.uri={without_credentials(uri)} and put the credentials in the "
+            "environment variables MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+        )
     return absolute_sqlite(uri) if uri else project_sqlite("mlflow.db")
+
+
+def scrub_hydra_files(uri: str) -> None:
+    """Replace ``uri`` by its credential-free form in the files Hydra wrote before the run started (the run's or
+    the sweep's ``.hydra/*.yaml`` and ``multirun.yaml``): a refused URI must not stay on disk."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    folders = {Path(hc.sweep.dir)} if hc.mode == RunMode.MULTIRUN else set()
+    if output_dir := OmegaConf.select(hc, "runtime.output_dir"):
+        folders.add(Path(output_dir))
+    for folder in folders:
+        for f in [*folder.glob("*.yaml"), *folder.glob(".hydra/*.yaml"), *folder.glob("*.log")]:
+            text = f.read_text(errors="replace")
+            if uri in text:
+                f.write_text(text.replace(uri, without_credentials(uri)))
+
+
+@contextmanager
+def server_errors(uri: str, experiment: str):
+    """Turn what a tracking server answers at start-up into one clear :class:`ClipqaError` (exit status 2, before
+    any training): no or wrong login (HTTP 401), no permission on the experiment (HTTP 403), server unreachable.
+
+    MLflow's client does not retry 401/403, so a bad login is reported within a second (the tests time it).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        shown = without_credentials(uri)
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")  # a name, not a secret: the messages show it
+        has_password = bool(os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+        if e.error_code == "UNAUTHENTICATED":
+            if user and has_password:
+                why = f"did not accept user {user!r} with the password in MLFLOW_TRACKING_PASSWORD (HTTP 401)"
+            else:
+                names = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": has_password}
+                unset = [n for n, v in names.items() if not v]
+                verb = "are" if len(unset) > 1 else "is"
+                why = f"asks for a login (HTTP 401), but {' and '.join(unset)} {verb} not set"
+            raise ClipqaError(
+                f"The MLflow tracking server {shown} <tracking.uri> {why}. Fix: set the environment variables "
+                "MLFLOW_TRACKING_USERNAME (your MLflow user name) and MLFLOW_TRACKING_PASSWORD (its password; the "
+                "server's admin creates accounts). Nothing was trained."
+            ) from None
+        if e.error_code == "PERMISSION_DENIED":
+            raise ClipqaError(
+                f"The MLflow tracking server {shown} <tracking.uri> refused user {user or '(none)'!r} access to "
+                f"experiment {experiment!r} <tracking.experiment> (HTTP 403): the user has no permission to write to "
+                "it. Fix: ask the experiment's owner or the server's admin for EDIT permission on it, or log to an "
+                "experiment of your own with tracking.experiment=NAME. Nothing was trained."
+            ) from None
+        if "failed with exception" in str(e):  # MLflow's wording for a connection that failed (no HTTP answer)
+            raise ClipqaError(
+                f"Cannot reach the MLflow tracking server {shown} <tracking.uri>: {_first_line(e)}. Start it (or fix "
+                "tracking.uri), or train without tracking: tracking=none. Nothing was trained."
+            ) from None
+        raise
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def artifact_location(uri: str) -> str | None:
@@ -174,11 +257,15 @@ class MlflowTracker(Tracker):
         self.failed_at = 0.0
         if run_id is not None:  # resume: the same run continues
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            with server_errors(uri, experiment):
+                self.client.update_run(run_id, status="RUNNING")
             log.info("continuing MLflow run %s at %s <trainer.resume=auto>", run_id, uri)
             return
-        self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        # The first calls are the preflight: a bad login, a missing permission or no server stop here, before
+        # training, with one clear error (later write failures are queued instead: see _call).
+        with server_errors(uri, experiment):
+            self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %r (%s) in experiment %r at %s <tracking.uri>", name, self.run_id, experiment, uri)
 
@@ -351,6 +438,12 @@ def _model_requirements() -> list[str]:
 
 PENDING_FILE = "mlflow_pending.json"  # MLflow writes a run could not make; plain JSON, uploaded by clipqa-sync
 QUEUEABLE = ("log_batch", "log_artifact", "set_terminated")  # the only client methods a pending file may name
+
+
+def _with_placeholders(uri: str) -> str:
+    """``http://bob:secret@host`` -> ``http://USER:PASSWORD@host``: the shape of a refused URI, without its secret."""
+    scheme, _, rest = without_credentials(uri).partition("://")
+    return f"{scheme}://USER:PASSWORD@{rest}"
 
 
 def without_credentials(uri: str) -> str:

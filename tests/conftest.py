@@ -57,9 +57,11 @@ def small_demo_cfg(cache_dir):
     return make
 
 
-def run_cli(*args: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as a user runs it (offline, Hydra's short error messages), output captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, cwd=None, timeout=600, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a user runs it (offline, Hydra's short error messages), output captured.
+    ``env``: variables to add to (or, with None values, remove from) the environment."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd or ROOT,

@@ -37,6 +37,49 @@ def test_flatten_and_store_uri_are_absolute_and_dotted(tmp_path, monkeypatch):
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+def test_a_tracking_uri_with_credentials_is_refused_without_repeating_them():
+    """Catches: ``tracking.uri=http://bob:secret@host`` accepted: the login would stay in config.yaml, Hydra's
+    .hydra/overrides.yaml and the MLflow params. The error shows the URI to use and the two variables instead."""
+    with pytest.raises(ClipqaError) as refused:
+        resolve_uri("http://bob:hunter2@127.0.0.1:5000")
+    msg = str(refused.value)
+    assert "hunter2" not in msg and "bob" not in msg
+    assert "tracking.uri=http://127.0.0.1:5000" in msg
+    assert "MLFLOW_TRACKING_USERNAME" in msg and "MLFLOW_TRACKING_PASSWORD" in msg
+
+
+@pytest.mark.parametrize(
+    ("code", "login", "expected"),
+    [
+        ("UNAUTHENTICATED", (None, None), "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not set"),
+        ("UNAUTHENTICATED", ("bob", None), "MLFLOW_TRACKING_PASSWORD is not set"),
+        ("UNAUTHENTICATED", ("bob", "s3cr3t-pw"), "did not accept user 'bob'"),
+        ("PERMISSION_DENIED", ("bob", "s3cr3t-pw"), "refused user 'bob' access to experiment 'team'"),
+        ("INTERNAL_ERROR", ("bob", "s3cr3t-pw"), "Cannot reach the MLflow tracking server"),
+    ],
+)
+def test_a_refused_login_or_permission_becomes_one_clear_error(monkeypatch, code, login, expected):
+    """What a tracking server answers at start-up (401, 403, no answer) -> ClipqaError naming the server without
+    credentials, the variables or the experiment. Catches: MLflow's raw exception (a traceback) reaching the user."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    from clipqa.tracking import server_errors
+
+    for name, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), login, strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    # MLflow's wording: "... failed with error code 401 != 200" for an answer, "... failed with exception ..." for none
+    answer = "failed with exception ConnectionError" if code == "INTERNAL_ERROR" else "failed with error code 4xx"
+    with pytest.raises(ClipqaError) as e, server_errors("http://127.0.0.1:5000", "team"):
+        raise MlflowException(f"API request to endpoint /x {answer}", error_code=getattr(databricks_pb2, code))
+    msg = str(e.value)
+    assert expected in msg and "http://127.0.0.1:5000 <tracking.uri>" in msg and "Nothing was trained" in msg
+    assert "s3cr3t-pw" not in msg
+
+
 def tracked(tmp_path, *extra):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = compose_cfg([*SMALL_DEMO, "tracking=mlflow", f"tracking.uri={uri}", "tracking.experiment=t", *extra])

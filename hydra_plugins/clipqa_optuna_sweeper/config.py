@@ -4,7 +4,8 @@ The layout is Hydra's Optuna sweeper's (``hydra-optuna-sweeper``), so its sweep 
 ``study_name``, ``storage``, ``n_trials``, ``n_jobs``, ``max_failure_rate``, ``params``, ``custom_search_space``, and
 the sampler as a config group (``hydra/sweeper/sampler=tpe|random|grid|cmaes|qmc|nsgaii``) whose ``_target_`` is any
 Optuna sampler and whose other keys are its arguments (``+hydra.sweeper.sampler.ARG=...`` passes one not listed
-here). Added: ``metric_names`` and ``pruner``. What differs from Hydra's sweeper, and why: the README, "Optuna".
+here). Added: ``metric_names``, ``pruner`` and, for several workers on one study, ``heartbeat_interval``,
+``grace_period``, ``max_retry``. What differs from Hydra's sweeper, and why: the README, "Optuna".
 
 sweeps/optuna.yaml sets only the search space (``params``); change a default here, or per run on the command line
 (``hydra.sweeper.n_trials=30``, ``hydra/sweeper/sampler=random``).
@@ -121,6 +122,14 @@ class ClipqaOptunaSweeperConf:
     # null: sqlite:///<project folder>/optuna.db for clipqa, in memory for any other app (as Hydra's sweeper).
     storage: Any = None
     study_name: str | None = None  # null: "clipqa" for clipqa, else the app's name (hydra.job.name)
+    # Several sweeper processes may work on one study (SQLite or PostgreSQL): each records a heartbeat for the
+    # trials it runs every heartbeat_interval seconds; a trial without one for grace_period seconds (its sweeper
+    # died) is failed by any other worker (or the next sweep on the study) and retried with the same parameters up
+    # to max_retry times (0: left FAIL). A retried trial does not count toward n_trials. Database storages only
+    # (not journal:// or in memory); heartbeat_interval=null turns this off.
+    heartbeat_interval: int | None = 10
+    grace_period: int = 30
+    max_retry: int = 1
     pruner: PrunerConf = field(default_factory=PrunerConf)
     # key -> Hydra's override grammar: choice(a, b), range(0, 4), range(1, 10, 3), interval(1e-5, 1e-3),
     # tag(log, interval(...)), int(interval(1, 8)) (or tag(int, interval(1, 8))); a plain value fixes the key.

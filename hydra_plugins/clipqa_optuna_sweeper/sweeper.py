@@ -3,8 +3,12 @@
 One sweep: build the search space from ``hydra.sweeper.params`` and the command line (Hydra's override grammar,
 with Hydra's values), open or create the study (its direction checked), then ask -> launch -> tell in batches of
 ``n_jobs`` until the study holds ``n_trials`` trials; write ``optimization_results.yaml`` (and ``pareto_front.png``
-for two objectives) into the sweep folder. clipqa's extras (MLflow tags on the parent run, the project's
-``optuna.db``, ``val/acc`` as the objective's name) apply only when the app's config has clipqa's ``tracking`` block.
+for two objectives) into the sweep folder. Several sweeper processes may work on one study at once (SQLite,
+PostgreSQL): each asks under the study's lock while the study holds fewer than ``n_trials``, beats for its running
+trials from a thread of this process (the jobs may run elsewhere: their trial lives as long as this process), fails
+and retries the trials of workers that stopped beating, and at the end waits a grace period for them to come back.
+clipqa's extras (MLflow tags on the parent run, the project's ``optuna.db``, ``val/acc`` as the objective's name)
+apply only when the app's config has clipqa's ``tracking`` block.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import re
 import time
 import warnings
@@ -167,6 +172,9 @@ class ClipqaOptunaSweeper(Sweeper):
         metric_names: list[str] | None = None,
         max_failure_rate: float = 1.0,
         custom_search_space: str | None = None,
+        heartbeat_interval: int | None = 10,
+        grace_period: int = 30,
+        max_retry: int = 1,
         _target_: str | None = None,
     ) -> None:
         self.sampler_cfg, self.pruner_cfg = sampler, pruner
@@ -176,6 +184,8 @@ class ClipqaOptunaSweeper(Sweeper):
         self.metric_names = list(metric_names) if metric_names else None
         self.max_failure_rate = float(max_failure_rate)
         self.custom_search_space = custom_search_space
+        self.heartbeat_interval = int(heartbeat_interval) if heartbeat_interval else None
+        self.grace_period, self.max_retry = int(grace_period), int(max_retry)
         self._verbatim: set[str] = set()  # params whose categorical choices are override text (lists, dicts)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -291,20 +301,17 @@ class ClipqaOptunaSweeper(Sweeper):
         return make_pruner(self.pruner_cfg)
 
     def _study(self, storage, where: str, dirs: list[str], space: dict[str, Any]):
-        """Open the study (created if new; creation retried: two processes creating one at once can collide) and
-        check that it optimizes in hydra.sweeper.direction."""
+        """Open the study (created if new: two workers creating it at once both get it, the race retried) and check
+        that it optimizes in hydra.sweeper.direction."""
         import optuna
 
-        for attempt in range(5):
-            try:
-                probe = optuna.create_study(
-                    study_name=self.study_name, storage=storage, directions=dirs, load_if_exists=True
-                )
-                break
-            except Exception:
-                if attempt == 4:
-                    raise
-                time.sleep(1 + attempt)
+        from clipqa.errors import ClipqaError
+        from clipqa.optuna_study import open_study
+
+        try:
+            probe = open_study(storage, self.study_name, dirs)
+        except ClipqaError as e:
+            raise SweeperError(str(e)) from None
         existing = [d.name.lower() for d in probe.directions]
         if existing != dirs:
             shown = lambda x: x[0] if len(x) == 1 else "[" + ",".join(x) + "]"  # noqa: E731
@@ -336,7 +343,16 @@ class ClipqaOptunaSweeper(Sweeper):
         import optuna
 
         from clipqa.errors import ClipqaError
-        from clipqa.optuna_study import TRIAL_ENV, TrialJob, absolute_storage_url, default_storage, make_storage
+        from clipqa.optuna_study import (
+            STORAGE_ENV,
+            TRIAL_ENV,
+            Heartbeats,
+            TrialJob,
+            absolute_storage_url,
+            default_storage,
+            make_storage,
+            shown_url,
+        )
 
         clipqa = _is_clipqa(self.config)
         dirs = self._directions()
@@ -359,9 +375,10 @@ class ClipqaOptunaSweeper(Sweeper):
             url, storage, where = None, optuna.storages.InMemoryStorage(), "memory (hydra.sweeper.storage=null)"
         else:  # absolute, so that jobs open the same storage whatever their working directory
             url = absolute_storage_url(str(self.storage_url or default_storage()))
-            where = url
+            where = shown_url(url)  # logs, files and the jobs' configs never hold a password
+            os.environ[STORAGE_ENV] = url  # the jobs' way to the password (they inherit this process's environment)
             try:
-                storage = make_storage(url)
+                storage = make_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry)
             except ClipqaError as e:
                 raise SweeperError(str(e)) from None
         space, fixed = self._space(arguments)
@@ -396,57 +413,66 @@ class ClipqaOptunaSweeper(Sweeper):
             type(study.sampler).__name__,
             {k: str(v) for k, v in space.items()},
         )
+        if clipqa:  # each worker's MLflow parent run names the study, so its report can cover all of the study
+            from clipqa.sweep import mark_study
+
+            mark_study(self.config, self.study_name, where)
 
         failures: list[str] = []
         launched = job_idx = 0
-        while True:
-            existing = len(study.get_trials(deepcopy=False))  # all states: other processes' trials count too
-            batch_size = min(self.n_jobs, n_trials - existing)
-            if batch_size <= 0 or (grid and study.sampler.is_exhausted(study)):
-                break
-            trials, batch = [], []
-            for _ in range(batch_size):
-                trial = study.ask(space)
-                trials.append(trial)
-                if custom is not None:
-                    try:
-                        custom(self.config, trial)
-                    except Exception as e:
-                        self._tell_failed(study, trials, f"custom_search_space raised {type(e).__name__}: {e}")
-                        raise SweeperError(
-                            f"hydra.sweeper.custom_search_space={self.custom_search_space} raised "
-                            f"{type(e).__name__}: {e}. It is called as function(config, trial) after each ask."
-                        ) from None
-                job = TrialJob(trial.number, trial._trial_id, self.study_name, url, pruner, names)
-                sampled = [f"{k}={v if k in self._verbatim else encode(v)}" for k, v in trial.params.items()]
-                batch.append([*fixed, *sampled, f"++hydra.job.env_set.{TRIAL_ENV}='{job.to_env()}'"])
-            try:
-                self.validate_batch_is_legal(batch)
-            except Exception as e:
-                self._tell_failed(study, trials, f"the overrides do not compose: {e}")
-                raise SweeperError(
-                    f"A trial's overrides do not compose with the app's config ({' '.join(str(e).split())}). Check "
-                    "the keys of hydra.sweeper.params (a key the config lacks needs a + prefix: "
-                    "'+extra: choice(1, 2)')."
-                ) from None
-            try:
-                returns = self.launcher.launch(batch, initial_job_idx=job_idx)
-            except BaseException as e:  # Ctrl-C or a launcher problem: the trials must not stay RUNNING
-                self._tell_failed(study, trials, f"the sweep stopped: {type(e).__name__}: {e}")
-                raise
-            job_idx += len(batch)
-            launched += len(batch)
-            for trial, ret in zip(trials, returns, strict=True):
-                reason = self._tell(study, trial, ret, len(dirs), grid)
-                if reason is not None:
-                    failures.append(f"trial {trial.number} ({_show_params(trial.params)}): {reason}")
-            if failures and len(failures) / launched > self.max_failure_rate:
-                self._finish(study, dirs, names, url, sweep_dir, clipqa, launched)
-                raise SweeperError(
-                    f"{len(failures)} of the {launched} trials launched failed, more than "
-                    f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; the sweep stopped:\n  "
-                    + "\n  ".join(failures)
-                )
+        self._reseeded = False
+        with Heartbeats(storage) as beats:
+            while True:
+                trials, batch = [], []
+                while len(trials) < self.n_jobs:  # the study's count is checked before each ask, under its lock
+                    trial = self._ask(study, storage, url, space, n_trials, grid, beats)
+                    if trial is None:
+                        break
+                    trials.append(trial)
+                    if custom is not None:
+                        try:
+                            custom(self.config, trial)
+                        except Exception as e:
+                            self._tell_failed(study, trials, f"custom_search_space raised {type(e).__name__}: {e}")
+                            raise SweeperError(
+                                f"hydra.sweeper.custom_search_space={self.custom_search_space} raised "
+                                f"{type(e).__name__}: {e}. It is called as function(config, trial) after each ask."
+                            ) from None
+                    job = TrialJob(trial.number, trial._trial_id, self.study_name, shown_url(url), pruner, names)
+                    sampled = [f"{k}={v if k in self._verbatim else encode(v)}" for k, v in trial.params.items()]
+                    batch.append([*fixed, *sampled, f"++hydra.job.env_set.{TRIAL_ENV}='{job.to_env()}'"])
+                if not trials:
+                    if self._wait_for_other_workers(study, url, storage, beats):
+                        continue  # a dead worker's trial came back to be retried
+                    break
+                try:
+                    self.validate_batch_is_legal(batch)
+                except Exception as e:
+                    self._tell_failed(study, trials, f"the overrides do not compose: {e}")
+                    raise SweeperError(
+                        f"A trial's overrides do not compose with the app's config ({' '.join(str(e).split())}). "
+                        "Check the keys of hydra.sweeper.params (a key the config lacks needs a + prefix: "
+                        "'+extra: choice(1, 2)')."
+                    ) from None
+                try:
+                    returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+                except BaseException as e:  # Ctrl-C or a launcher problem: the trials must not stay RUNNING
+                    self._tell_failed(study, trials, f"the sweep stopped: {type(e).__name__}: {e}")
+                    raise
+                job_idx += len(batch)
+                launched += len(batch)
+                for trial, ret in zip(trials, returns, strict=True):
+                    reason = self._tell(study, storage, trial, ret, len(dirs), grid)
+                    beats.discard(trial._trial_id)
+                    if reason is not None:
+                        failures.append(f"trial {trial.number} ({_show_params(trial.params)}): {reason}")
+                if failures and len(failures) / launched > self.max_failure_rate:
+                    self._finish(study, dirs, names, url, sweep_dir, clipqa, launched)
+                    raise SweeperError(
+                        f"{len(failures)} of the {launched} trials launched failed, more than "
+                        f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; the sweep stopped:\n  "
+                        + "\n  ".join(failures)
+                    )
         self._finish(study, dirs, names, url, sweep_dir, clipqa, launched)
         if failures:
             log.error("failed trials:\n  %s", "\n  ".join(failures))
@@ -454,11 +480,80 @@ class ClipqaOptunaSweeper(Sweeper):
             raise SweeperError(f"all {launched} trials failed:\n  " + "\n  ".join(failures))
         return study
 
-    def _tell(self, study, trial, ret: JobReturn, n_objectives: int, grid: bool) -> str | None:
+    def _ask(self, study, storage, url: str | None, space: dict[str, Any], n_trials: int, grid: bool, beats):
+        """The next trial for this worker, or None when the study has what it needs. Under the study's lock (one
+        worker at a time): fail the trials of dead workers (each retried: a WAITING trial), count the trials that use
+        the budget (:func:`clipqa.optuna_study.trials_used`), then ask: a waiting trial first (a retry, or one
+        enqueued by hand), else a new one while fewer than ``n_trials`` are used."""
+        from optuna.trial import TrialState
+
+        from clipqa.optuna_study import fail_stale_trials, study_lock, trials_used
+
+        with study_lock(url, storage, self.study_name):
+            fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and (trials_used(trials) >= n_trials or (grid and study.sampler.is_exhausted(study))):
+                return None
+            if not self._reseeded:  # seeded by the trials there now: two workers that start together differ
+                study.sampler = self._sampler(len(trials), space)
+                self._reseeded = True
+            with warnings.catch_warnings():  # Optuna's "heartbeats are meant for optimize()": here the sweeper beats
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask(space)
+            beats.add(trial._trial_id)
+        return trial
+
+    def _wait_for_other_workers(self, study, url: str | None, storage, beats) -> bool:
+        """The study has all its trials, but other workers may still run some. A dead worker's trial fails once it
+        has had no heartbeat for ``grace_period`` seconds and comes back to be retried: wait that long (the trials
+        of live workers then keep running; their workers tell them). True when a retry is waiting to be run."""
+        from optuna.trial import TrialState
+
+        from clipqa.optuna_study import fail_stale_trials, study_lock
+
+        if not beats.interval:
+            return False
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return False
+        patience = self.grace_period + 2 * beats.interval
+        log.info(
+            "study %r has all its trials; %d still running in other workers (%s): waiting up to %d s for a dead "
+            "worker's trial to come back for a retry (hydra.sweeper.grace_period=%d)",
+            self.study_name,
+            len(running),
+            ", ".join(str(t.number) for t in running),
+            patience,
+            self.grace_period,
+        )
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            time.sleep(min(beats.interval, max(0.0, deadline - time.monotonic())))
+            with study_lock(url, storage, self.study_name):
+                fail_stale_trials(study)
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+            if TrialState.WAITING in states:
+                return True
+            if TrialState.RUNNING not in states:
+                return False
+        log.info("the trials still running have live workers (their heartbeats are fresh): those workers tell them")
+        return False
+
+    def _tell(self, study, storage, trial, ret: JobReturn, n_objectives: int, grid: bool) -> str | None:
         """Tell Optuna the job's outcome; the reason when the trial failed, else None."""
         import optuna
         from optuna.trial import TrialState
 
+        if storage.get_trial(trial._trial_id).state.is_finished():  # failed by another worker as stale
+            log.warning(
+                "trial %d was failed by another worker while it ran here: no heartbeat from this process reached "
+                "the storage for hydra.sweeper.grace_period=%d s (is the database reachable?); its result is "
+                "dropped and the trial retried",
+                trial.number,
+                self.grace_period,
+            )
+            return None
         if ret.status == JobStatus.COMPLETED:
             values, reason = objective_values(ret.return_value, n_objectives)
         elif isinstance(ret._return_value, optuna.TrialPruned):
@@ -494,6 +589,8 @@ class ClipqaOptunaSweeper(Sweeper):
         """Log the summary; write optimization_results.yaml (and the Pareto plot); clipqa: tag the MLflow runs."""
         from optuna.trial import TrialState
 
+        from clipqa.optuna_study import shown_url
+
         counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
         log.info(
             "study %r: %d trials (%d complete, %d pruned, %d failed, %d running); launched %d now",
@@ -509,7 +606,7 @@ class ClipqaOptunaSweeper(Sweeper):
             "name": "optuna",  # as Hydra's Optuna sweeper writes it
             "sweeper": "clipqa_optuna",
             "study_name": self.study_name,
-            "storage": url,
+            "storage": shown_url(url),
             "directions": dirs,
             "metric_names": names,
             "trials": {k: v for k, v in counts.items() if v},
