@@ -167,8 +167,9 @@ def summarise(runs: list) -> list[dict]:
     """Group finished runs by variant; one dict per variant with means, intervals and bookkeeping."""
     keys = variant_keys(runs)
     groups: dict[str, list] = {}
-    for r in runs:
-        groups.setdefault(variant_label(r, keys), []).append(r)
+    for r in runs:  # (a single run, e.g. the one job of a sweep that finished, is named as in MLflow)
+        label = variant_label(r, keys) if keys or len(runs) > 1 or r.info.run_name is None else r.info.run_name
+        groups.setdefault(label, []).append(r)
     rows = []
     for label, members in groups.items():
         m = [r.data.metrics for r in members]

@@ -13,6 +13,7 @@ Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -53,6 +54,20 @@ class MlflowSweepCallback(Callback):
         except ClipqaError as e:  # (Hydra would turn the exception into a warning and run every job anyway)
             log.error("clipqa: error: %s", e)
             sys.exit(2)
+        # Hydra's basic sweeper raises as soon as it reads a failed job's result, and then skips on_multirun_end:
+        # without this the parent run would stay RUNNING with no report. At exit, a sweep that did not reach its end
+        # is closed here (FAILED, with the report of the jobs that ran); one that did is left alone.
+        self._ended = False
+        atexit.register(self._close_if_unended, config)
+
+    def _close_if_unended(self, config: DictConfig) -> None:
+        if self._ended or (found := _parent_client(config)) is None:
+            return
+        client, run_id, _ = found
+        if client.get_run(run_id).info.status != "RUNNING":  # the Optuna sweeper closed it (fail_sweep)
+            return
+        log.warning("the sweep stopped before its end (a job failed?): closing its MLflow parent run as FAILED")
+        self._end(config, error="the sweep stopped before all of its jobs ran (see the sweep command's output)")
 
     def _start_parent(self, config: DictConfig) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -84,6 +99,11 @@ class MlflowSweepCallback(Callback):
         parent.set_tags({"hydra.sweep.dir": str(sweep_dir)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._ended = True
+        self._end(config)
+
+    def _end(self, config: DictConfig, error: str | None = None) -> None:
+        """Write the report of the sweep's jobs and close the parent run (FAILED if a job failed or ``error``)."""
         if config.tracking.backend == "none":
             return
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
@@ -112,7 +132,7 @@ class MlflowSweepCallback(Callback):
             log.info("sweep report: %s", out / "report.md")
         except Exception as e:  # a report problem must not hide the sweep's results
             log.warning("could not write the sweep report: %s", e)
-        _close_parent(client, parent["run_id"], run.info.experiment_id)
+        _close_parent(client, parent["run_id"], run.info.experiment_id, error=error)
 
 
 STUDY_TAG, STORAGE_TAG = "clipqa.optuna_study", "clipqa.optuna_storage"

@@ -106,3 +106,22 @@ def test_parallel_joblib_jobs_nest_under_one_parent_run(tmp_path):
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(x.info.run_name for x in children) == ["trainer.seed=1", "trainer.seed=2"]
     assert all(x.info.status == "FINISHED" for x in children + [parent])
+
+
+def test_a_grid_sweep_with_a_failing_job_closes_its_parent_failed_with_a_report(tmp_path):
+    """Hydra's basic sweeper raises at a failed job and skips the end-of-sweep callback: the parent run once stayed
+    RUNNING forever, without a report. Now it ends FAILED, tagged, with the report of the jobs that ran."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    r = run_cli(
+        "-m", *SMALL_TRACKED, "trainer.max_steps=4", "trainer.init_from=null,/nonexistent/best.pt",
+        f"tracking.uri={uri}", "tracking.experiment=f", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert r.returncode != 0 and "no such file" in r.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("f").experiment_id])
+    (parent,) = [x for x in runs if x.data.tags.get("clipqa.sweep") == "true"]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["clipqa.jobs"] == "2 jobs: 1 finished, 0 pruned, 1 failed"
+    assert "before all of its jobs ran" in parent.data.tags["clipqa.error"]
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "trainer.init_from=null" in (tmp_path / "sweep" / "report" / "report.md").read_text()
