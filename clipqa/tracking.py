@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,21 @@ def git_commit() -> str | None:
         return None
 
 
+@contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """SQLite stores: one process at a time sets the database up. Why: MLflow creates and migrates a new database's
+    schema on its first use, and two processes doing that at once fail inside MLflow (``Online migration expected to
+    match one row``, ``duplicate column name``): two single runs or two sweep workers started together on a fresh
+    ``mlflow.db``. A file lock beside the database (``<db>.lock``) serializes that first use; servers need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import filelock
+
+    with filelock.FileLock(uri[len("sqlite:///") :] + ".lock", timeout=300):
+        yield
+
+
 def get_or_create_experiment(client, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -252,7 +268,8 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        with first_use_lock(uri):  # (a SQLite store's schema is created here, on the client's first connection)
+            self.client = MlflowClient(tracking_uri=uri)
         self.pending: list[tuple[str, tuple, dict]] = []
         self.failed_at = 0.0
         if run_id is not None:  # resume: the same run continues

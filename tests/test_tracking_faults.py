@@ -63,3 +63,24 @@ def test_training_survives_a_tracking_server_restart_and_the_run_gets_its_final_
         assert not (tmp_path / "run" / "mlflow_pending.json").exists()
     finally:
         stop(server)
+
+
+def test_runs_started_together_on_a_fresh_sqlite_store_all_get_their_run(tmp_path):
+    """Two single runs (or two sweep workers) started at once on a new mlflow.db: MLflow's schema set-up once
+    collided ("Online migration expected to match one row", "duplicate column name") and all but one crashed."""
+    db = tmp_path / "m.db"
+    start = time.time() + 8  # after every process has imported MLflow: they reach the store together
+    code = f"""
+import time
+from clipqa.tracking import MlflowTracker
+while time.time() < {start}:
+    time.sleep(0.002)
+MlflowTracker("sqlite:///{db}", "e", "x", {{}}).finish("FINISHED")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    assert len(client.search_runs([client.get_experiment_by_name("e").experiment_id])) == 3
