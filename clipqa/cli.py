@@ -79,7 +79,7 @@ def cache(argv: list[str] | None = None) -> None:
 def report(argv: list[str] | None = None) -> None:
     """``clipqa-report``: the comparison report (report.md, report.csv, charts) from MLflow runs."""
     from clipqa.report import make_report
-    from clipqa.tracking import PARENT_FILE, read_parent
+    from clipqa.tracking import PARENT_FILE, fail_fast_http, read_parent, resolve_uri, server_errors
 
     p = argparse.ArgumentParser(
         prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
@@ -104,14 +104,17 @@ def report(argv: list[str] | None = None) -> None:
             p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
         parent = info["run_id"]
     try:
-        path = make_report(
-            a.tracking_uri,
-            a.out,
-            experiment=a.experiment,
-            parent_run_id=parent,
-            filter_string=a.filter,
-            baseline_run_id=a.baseline,
-        )
+        uri = resolve_uri(a.tracking_uri)
+        fail_fast_http()
+        with server_errors(uri, a.experiment, access="read", outcome="No report was written."):
+            path = make_report(
+                uri,
+                a.out,
+                experiment=a.experiment,
+                parent_run_id=parent,
+                filter_string=a.filter,
+                baseline_run_id=a.baseline,
+            )
     except ClipqaError as e:
         _fail("clipqa-report", str(e))
     print(path.read_text().split("\n\n![")[0])

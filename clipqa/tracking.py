@@ -104,10 +104,17 @@ def scrub_hydra_files(uri: str) -> None:
                 f.write_text(text.replace(uri, without_credentials(uri)))
 
 
+def fail_fast_http() -> None:
+    """Fail within seconds instead of MLflow's default minutes of HTTP retries (4 min for a server that is down)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 @contextmanager
-def server_errors(uri: str, experiment: str):
+def server_errors(uri: str, experiment: str, access: str = "write to", outcome: str = "Nothing was trained."):
     """Turn what a tracking server answers at start-up into one clear :class:`ClipqaError` (exit status 2, before
     any training): no or wrong login (HTTP 401), no permission on the experiment (HTTP 403), server unreachable.
+    ``access`` / ``outcome``: what the command needed and what it did not do (clipqa-report reads, writes nothing).
 
     MLflow's client does not retry 401/403, so a bad login is reported within a second (the tests time it).
     """
@@ -130,19 +137,19 @@ def server_errors(uri: str, experiment: str):
             raise ClipqaError(
                 f"The MLflow tracking server {shown} <tracking.uri> {why}. Fix: set the environment variables "
                 "MLFLOW_TRACKING_USERNAME (your MLflow user name) and MLFLOW_TRACKING_PASSWORD (its password; the "
-                "server's admin creates accounts). Nothing was trained."
+                f"server's admin creates accounts). {outcome}"
             ) from None
         if e.error_code == "PERMISSION_DENIED":
             raise ClipqaError(
                 f"The MLflow tracking server {shown} <tracking.uri> refused user {user or '(none)'!r} access to "
-                f"experiment {experiment!r} <tracking.experiment> (HTTP 403): the user has no permission to write to "
+                f"experiment {experiment!r} <tracking.experiment> (HTTP 403): the user has no permission to {access} "
                 "it. Fix: ask the experiment's owner or the server's admin for EDIT permission on it, or log to an "
-                "experiment of your own with tracking.experiment=NAME. Nothing was trained."
+                f"experiment of your own with tracking.experiment=NAME. {outcome}"
             ) from None
         if "failed with exception" in str(e):  # MLflow's wording for a connection that failed (no HTTP answer)
             raise ClipqaError(
                 f"Cannot reach the MLflow tracking server {shown} <tracking.uri>: {_first_line(e)}. Start it (or fix "
-                "tracking.uri), or train without tracking: tracking=none. Nothing was trained."
+                f"tracking.uri), or train without tracking: tracking=none. {outcome}"
             ) from None
         raise
 
@@ -264,9 +271,7 @@ class MlflowTracker(Tracker):
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
-        # Fail fast instead of MLflow's default minutes of HTTP retries: we queue and retry ourselves.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        fail_fast_http()  # we queue and retry ourselves
         self.uri = uri
         with first_use_lock(uri):  # (a SQLite store's schema is created here, on the client's first connection)
             self.client = MlflowClient(tracking_uri=uri)

@@ -229,3 +229,24 @@ def test_report_without_matching_runs_is_a_clear_error(tmp_path):
         make_report(uri, tmp_path / "rep", experiment="empty")
     with pytest.raises(ClipqaError, match="No MLflow experiment 'nope'"):
         make_report(uri, tmp_path / "rep", experiment="nope")
+
+
+def test_report_against_a_server_that_is_down_fails_fast_with_one_line(tmp_path):
+    """clipqa-report once waited 4 minutes in MLflow's HTTP retries and then printed a traceback."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.mlflow_server import free_port
+
+    exe = shutil.which("clipqa-report", path=str(Path(sys.executable).parent)) or shutil.which("clipqa-report")
+    started = time.time()
+    r = subprocess.run(
+        [exe, "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and time.time() - started < 60
+    assert "Cannot reach the MLflow tracking server" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "report.md").exists()
