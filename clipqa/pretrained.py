@@ -3,10 +3,15 @@
 - ``backbone=hub``: ``openai/clip-vit-base-patch32`` (vision tower + image processor) and
   ``distilbert-base-uncased`` (model + tokenizer), or local folders with the same files for offline machines.
 - ``backbone=tiny``: small random-init CLIP vision + DistilBERT built from configs, with a WordPiece tokenizer
-  trained on the training split's own text. They are written with ``save_pretrained`` to
-  ``<paths.cache_dir>/tiny-backbone/<key>/{vision,text}`` and then loaded through the very same
-  ``from_pretrained`` calls, so the offline demo exercises the real loading path. The key hashes the tiny config
-  and the training text, so a changed dataset or size never reuses stale weights.
+  trained on the training split's own text (any dataset). The key hashes the tiny config and the training text,
+  so a changed dataset or size never reuses stale weights.
+- ``backbone=tiny_pretrained`` (the demo's): the same models pretrained on a world like the demo's
+  (:mod:`clipqa.tiny_pretrain`: masked-LM text, attribute-naming vision tower), with a tokenizer trained on that
+  corpus; independent of the run's data, so the demo and the smoke test share one build. The key hashes the tiny
+  config and :data:`PRETRAIN_VERSION`.
+
+Either is written with ``save_pretrained`` to ``<paths.cache_dir>/tiny-backbone/<key>/{vision,text}`` and then
+loaded through the very same ``from_pretrained`` calls, so the offline demo exercises the real loading path.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import json
 import logging
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -28,15 +35,20 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     DistilBertConfig,
+    DistilBertForMaskedLM,
     DistilBertModel,
     DistilBertTokenizerFast,
 )
 
+from clipqa import tiny_pretrain
 from clipqa.errors import ClipqaError
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Part of the pretrained preset's cache key: bump it when clipqa/tiny_pretrain.py changes what it trains, so a
+# cache never serves weights an older pretraining made.
+PRETRAIN_VERSION = 1
 
 
 @dataclass
@@ -67,7 +79,7 @@ def _load(what: str, key: str, source: str, fn):
 def load_backbone(bcfg: DictConfig, cache_dir: str | Path, train_text: list[str] | None = None) -> Backbone:
     """Load vision tower, image processor, DistilBERT and tokenizer (building the tiny preset first if asked)."""
     if bcfg.tiny is not None:
-        if train_text is None:
+        if bcfg.tiny.pretrain is None and train_text is None:
             raise ValueError("the tiny backbone needs the training text to train its tokenizer")
         folder = build_tiny(bcfg.tiny, cache_dir, train_text)
         vision_src, text_src = str(folder / "vision"), str(folder / "text")
@@ -101,24 +113,34 @@ def n_image_tokens(vision: CLIPVisionModel) -> int:
     return (c.image_size // c.patch_size) ** 2 + 1
 
 
-def _key(tcfg: DictConfig, train_text: list[str]) -> str:
+def _key(tcfg: DictConfig, train_text: list[str] | None) -> str:
     h = hashlib.sha256(json.dumps(OmegaConf.to_container(tcfg, resolve=True), sort_keys=True).encode())
-    for line in train_text:
+    if tcfg.pretrain is not None:  # the pretrained preset does not depend on the run's data, only on its code
+        h.update(f"pretrain-v{PRETRAIN_VERSION}".encode())
+    for line in train_text if tcfg.pretrain is None else []:
         h.update(line.encode() + b"\n")
     return h.hexdigest()[:16]
 
 
-def build_tiny(tcfg: DictConfig, cache_dir: str | Path, train_text: list[str]) -> Path:
+def build_tiny(tcfg: DictConfig, cache_dir: str | Path, train_text: list[str] | None) -> Path:
     """Create (once) and return the tiny preset's folder, holding ``vision/`` and ``text/`` in hub format."""
     folder = Path(cache_dir).expanduser() / "tiny-backbone" / _key(tcfg, train_text)
     if (folder / "text" / "config.json").is_file():
         return folder
-    log.info("building the tiny random-init backbone in %s <backbone=tiny>", folder)
+    pcfg = tcfg.pretrain
+    what = "random-init <backbone=tiny>" if pcfg is None else "pretrained <backbone.tiny.pretrain>"
+    log.info("building the tiny %s backbone in %s", what, folder)
+    started = time.perf_counter()
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = train_wordpiece(train_text, tcfg.vocab_size)
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the run's own RNG stream
-        torch.manual_seed(tcfg.seed)
+    if pcfg is None:
+        tokenizer = train_wordpiece(train_text, tcfg.vocab_size)
+    else:
+        tokenizer = word_tokenizer(tiny_pretrain.documents(pcfg.documents, pcfg.seed), tcfg.vocab_size)
+    size = {"shortest_edge": tcfg.image_size}
+    crop = {"height": tcfg.image_size, "width": tcfg.image_size}
+    processor = CLIPImageProcessor(size=size, crop_size=crop)
+    with tiny_pretrain.reproducible(tcfg.seed):  # seeded init without disturbing the run's own RNG stream
         vision = CLIPVisionModel(
             CLIPVisionConfig(
                 hidden_size=tcfg.vision_dim,
@@ -129,39 +151,72 @@ def build_tiny(tcfg: DictConfig, cache_dir: str | Path, train_text: list[str]) -
                 patch_size=tcfg.patch_size,
             )
         )
-        text = DistilBertModel(
-            DistilBertConfig(
-                vocab_size=len(tokenizer),
-                dim=tcfg.text_dim,
-                hidden_dim=4 * tcfg.text_dim,
-                n_layers=tcfg.text_layers,
-                n_heads=tcfg.heads,
-                max_position_embeddings=256,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_config = DistilBertConfig(
+            vocab_size=len(tokenizer),
+            dim=tcfg.text_dim,
+            hidden_dim=4 * tcfg.text_dim,
+            n_layers=tcfg.text_layers,
+            n_heads=tcfg.heads,
+            max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
         )
-    size = {"shortest_edge": tcfg.image_size}
-    crop = {"height": tcfg.image_size, "width": tcfg.image_size}
+        if pcfg is None:
+            text = DistilBertModel(text_config)
+        else:
+            mlm = DistilBertForMaskedLM(text_config)
+            with tqdm(total=pcfg.text_steps + pcfg.vision_steps, unit="step", file=sys.stderr) as bar:
+                tiny_pretrain.pretrain_text(mlm, tokenizer, pcfg, bar)
+                tiny_pretrain.pretrain_vision(vision, processor, pcfg, bar)
+            text = mlm.distilbert
     vision.save_pretrained(tmp / "vision")
-    CLIPImageProcessor(size=size, crop_size=crop).save_pretrained(tmp / "vision")
+    processor.save_pretrained(tmp / "vision")
     text.save_pretrained(tmp / "text")
     tokenizer.save_pretrained(tmp / "text")
     try:
         os.replace(tmp, folder)
     except OSError:  # another process built the same key first; identical content
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("tiny backbone built in %.1f s", time.perf_counter() - started)
     return folder
 
 
 def train_wordpiece(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast:
     """A BERT-style uncased WordPiece tokenizer trained on ``texts`` ([CLS] q [SEP] like distilbert-base-uncased)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    return _as_distilbert_tokenizer(tok)
+
+
+def word_tokenizer(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast:
+    """A WordPiece tokenizer whose pieces are the corpus's words (most frequent first) plus its single characters.
+
+    For the pretrained tiny preset: its corpus has a few dozen words, each kept whole, and unlike the WordPiece
+    trainer (which breaks ties between equally frequent merges in an order that changes from process to process)
+    the same text always gives the same ids, so the pretrained weights are reproducible.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    normalizer, split = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    pieces = [*chars, *(f"##{c}" for c in chars)]  # any word of these characters can still be spelt out
+    kept = sorted(words, key=lambda w: (-words[w], w))[: max(0, vocab_size - len(SPECIAL_TOKENS) - len(pieces))]
+    vocab = dict.fromkeys([*SPECIAL_TOKENS, *sorted(kept), *pieces])
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, split
+    return _as_distilbert_tokenizer(tok)
+
+
+def _as_distilbert_tokenizer(tok) -> DistilBertTokenizerFast:
+    from tokenizers import decoders, processors
+
+    tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -17,7 +17,7 @@ FLOORS = {
     "errors": 0, "metrics": 0, "paths": 0, "config": 0, "signals": 0, "schedule": 0, "train_state": 0,
     # 1: the parts
     "data": 1, "demo_data": 1, "pretrained": 1, "image_tokens": 1, "cpu_kernels": 1, "packed_text": 1,
-    "model": 1, "freeze": 1, "evaluation": 1, "features": 1, "tracking": 1, "plots": 1, "report": 1,
+    "tiny_pretrain": 1, "model": 1, "freeze": 1, "evaluation": 1, "features": 1, "tracking": 1, "plots": 1, "report": 1,
     "optuna_study": 1, "download": 1, "wups": 1, "devices": 1,
     # 2: set-up, checkpoints, the training loop
     "build": 2, "checkpoint": 2, "loop": 2,

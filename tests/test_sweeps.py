@@ -72,6 +72,33 @@ def test_the_main_config_is_the_ablation_base_and_says_so():
     assert "head.readout=cls" in header and "+paper=V2" in header
 
 
+@pytest.mark.parametrize("order", ["experiment first", "paper first"])
+def test_the_demo_scales_the_papers_schedule_keeping_phases_freeze_flags_and_lr_ratios(order):
+    """Bug caught: under experiment=demo the paper's versions trained 1 epoch (113 steps) at the paper's schedule,
+    too few for any frozen-text version to learn; or a demo setting that silently replaced the paper's phases or
+    freeze flags. Whichever order they are given in, +paper=V3 keeps its two phases, frozen text then unfrozen at
+    0.1 x the learning rate with a fresh optimizer, each lasting conf/experiment/demo.yaml's epoch_multiplier passes."""
+    overrides = ["experiment=demo", "+paper=V3"]
+    cfg = validate(compose_sweep("paper", overrides if order == "experiment first" else overrides[::-1]))
+    times = cfg.trainer.epoch_multiplier
+    assert times > 1 and cfg.optimizer.lr == 2e-3  # the demo's multiplier and base learning rate
+    v2, v3 = resolve_phases(cfg)
+    assert (v2.name, v2.epochs, v2.lr, v2.freeze["text"]) == ("V2", times, 2e-3, True)
+    assert (v3.name, v3.epochs, v3.freeze["text"], v3.fresh_optimizer) == ("V3", times, False, True)
+    assert v3.lr == pytest.approx(0.1 * v2.lr)
+    assert cfg.head.readout == "last" and cfg.mapper.num_layers == 2  # still the paper's model
+    assert cfg.backbone.tiny.pretrain is not None  # the pretrained tiny backbones
+
+
+def test_the_demos_own_run_is_five_passes_and_smoke_stays_two():
+    """Bug caught: the demo's multiplier leaking into the smoke test (10 passes instead of 2: the fast tier slows)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        demo = validate(compose(config_name="config", overrides=["experiment=demo"]))
+        smoke = validate(compose(config_name="config", overrides=["experiment=smoke"]))
+    assert [p.epochs for p in resolve_phases(demo)] == [5]
+    assert [p.epochs for p in resolve_phases(smoke)] == [2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, n_jobs",
