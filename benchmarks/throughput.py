@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # about 4 minutes on 2 CPU cores
     python benchmarks/throughput.py --steps 50      # steadier figures
     python benchmarks/throughput.py --device cuda   # on a GPU machine (adds model FLOPs utilisation)
+    python benchmarks/throughput.py --device cuda --steps 200 --lrs 1e-4 --out t.json   # benchmarks/gpu.sh's
 
 Offline: it writes real-size models with random weights (CLIP ViT-B/32 and distilbert-base-uncased
 architectures; a 30,522-entry WordPiece vocabulary) with ``save_pretrained`` and a synthetic dataset in the COCO-QA
@@ -13,10 +14,14 @@ layout with 640x480 JPEGs, then measures training examples/s of
 (b) clipqa, same sizes, batch and configuration, through ``clipqa.run.train`` with the feature cache;
 (c) clipqa with the CLS token only (``image_tokens=cls``);
 
-and the wall time of a 4-variant sweep (``optimizer.lr`` x4, each run as many steps as the original run; the cache
-built once by ``clipqa-cache`` and counted) against 4 x the original script's whole run (load, validate at step
-0, train, validate, plot, 80-question test, save; see benchmarks/original.py), the same work per variant.
-The last line printed is one JSON object with every figure.
+and the wall time of a 4-variant sweep (``optimizer.lr`` x4 by default, ``--lrs``; each run as many steps as the
+original run; the cache built once by ``clipqa-cache`` and counted) against 4 x the original script's whole run
+(load, validate at step 0, train, validate, plot, 80-question test, save; see benchmarks/original.py), the same
+work per variant. The last line printed is one JSON object with every figure (also written to ``--out``).
+
+On CUDA clipqa runs with its GPU defaults (``trainer.device=cuda``: bf16 autocast, CUDA graphs over bucketed
+question lengths, pinned batches) and evaluates at batch 1024; model FLOPs utilisation (MFU) is FLOPs per example
+(torch's FlopCounterMode over one training step) x examples/s over the GPU's dense bf16 peak (``PEAK_BF16_FLOPS``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,23 @@ sys.path[:0] = [str(HERE), str(PROJECT)]  # benchmarks/original.py; clipqa witho
 import original  # noqa: E402  (benchmarks/original.py)
 
 BATCH = 8
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense, per GPU
+# Dense bf16 tensor-core peak per GPU (vendor data sheets), matched in this order against torch's device name.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
 
 # COCO-QA-like questions: 8-14 words, four types, one-word answers.
 OBJECTS = ["cat", "dog", "man", "woman", "horse", "train", "bus", "plate", "pizza", "bench", "bird", "kite", "truck"]
@@ -179,6 +200,7 @@ def clipqa_overrides(work: Path, vision_dir: Path, text_dir: Path, device: str, 
         "trainer.save_checkpoint=false",
         f"trainer.device={device}",
         "tracking=none",
+        *(["trainer.eval_batch_size=1024"] if device == "cuda" else []),  # a GPU evaluates large batches
     ]
 
 
@@ -246,7 +268,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="original pipeline: untimed steps first (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument("--lrs", default="1e-4,3e-5,3e-4,1e-3", help="the sweep's optimizer.lr values (1e-4 is run (b))")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
+    lrs = args.lrs.split(",")  # lr 1e-4 is the paper's V2: its run is (b)
+    if "1e-4" not in lrs:
+        p.error("--lrs must include 1e-4 (the paper's V2: run (b))")
+    n = len(lrs)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,7 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
         cache_main(overrides)
         cache_seconds = time.perf_counter() - t0
 
-        lrs = ["1e-4", "3e-5", "3e-4", "1e-3"]  # lr 1e-4 is the paper's V2: its run is (b)
         sweep, walls = {}, []
         for lr in lrs:
             say(f"[b/sweep] clipqa V2, optimizer.lr={lr}, {steps + args.warmup} steps (as many as the original run)")
@@ -297,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_cls": round(c["steady_examples_per_s"] / a["examples_per_s"], 2),
             "clipqa_examples_per_s_all_steps": round(b["train/examples_per_s"], 3),  # warm-up steps included
             "clipqa_cls_examples_per_s_all_steps": round(c["train/examples_per_s"], 3),
-            "sweep4_seconds": round(sweep_wall, 1),
-            "original4_seconds": round(4 * a["wall_seconds"], 1),
-            "sweep4_speedup": round(4 * a["wall_seconds"] / sweep_wall, 2),
-            "sweep4_run_seconds": [round(w, 1) for w in walls],
+            f"sweep{n}_seconds": round(sweep_wall, 1),
+            f"original{n}_seconds": round(n * a["wall_seconds"], 1),
+            f"sweep{n}_speedup": round(n * a["wall_seconds"] / sweep_wall, 2),
+            f"sweep{n}_run_seconds": [round(w, 1) for w in walls],
             "original_run_seconds": round(a["wall_seconds"], 1),
             "cache_build_seconds": round(cache_seconds, 1),
             "steps": steps,
@@ -315,12 +342,16 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
         }
         if device.type == "cuda":
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
+            peak = peak_flops(result["device"])
+            result["peak_bf16_flops"] = peak
             for key, rate, flops in [
                 ("original_mfu", a["examples_per_s"], a["flops_per_example"]),
                 ("clipqa_mfu", b["steady_examples_per_s"], flops_b),
+                ("clipqa_cls_mfu", c["steady_examples_per_s"], flops_c),
             ]:
                 result[key] = round(rate * flops / peak, 4) if peak else None
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
         return result
     finally:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipqa.cpu_kernels import use_cpu_kernels
+from clipqa.cpu_kernels import use_cpu_kernels, use_plain_linears
 from clipqa.data import (
     Collator,
     EpochSampler,
@@ -85,6 +86,33 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs: static shapes
+
+
+def resolve_compile(name: str, device: torch.device) -> str | None:
+    """``trainer.compile`` -> a torch.compile mode, or None (eager). ``auto``: CUDA graphs (``reduce-overhead``) on
+    CUDA, where a batch-8 step is otherwise mostly kernel-launch overhead; eager on CPU (compiling costs minutes
+    there and gains nothing measurable). ``true``/``false`` (the key's old values) mean ``default``/``off``."""
+    name = name.lower()
+    if name == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    return {"off": None, "false": None, "true": "default"}.get(name, name)
+
+
+def compile_model(model: ClipQA, name: str, device: torch.device) -> None:
+    """Apply ``trainer.compile`` to a built model (its text path, :meth:`ClipQA.compile_text`)."""
+    if (mode := resolve_compile(name, device)) is not None:
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()  # a new run's model: earlier runs' graphs in this process must not count to its limit
+        # Dropout draws from torch's own generator, as in eager mode: a compiled run trains exactly the eager run's
+        # model (tested) and resumes from a checkpoint's RNG state; inductor's own RNG would draw other masks.
+        inductor_config.fallback_random = True
+        use_plain_linears(model.text)  # the compiled text path gets nn.Linear (no CPU thread-count branches)
+        model.compile_text(mode, static=mode in GRAPH_MODES)
+        log.info("torch.compile mode %s%s <trainer.compile=%s>", mode, ", static shapes" * (mode in GRAPH_MODES), name)
 
 
 def keep_freed_memory() -> bool:
@@ -245,15 +273,14 @@ def build_loaders(
     workers = t.num_workers if t.num_workers is not None else (0 if store is not None else 2)
     log.info("data loading: %d worker processes <trainer.num_workers=%s>", workers, t.num_workers)
     pin = device.type == "cuda"
+    # CUDA graphs record one graph per shape: questions padded to a few bucket lengths instead of each batch's longest
+    buckets = list(t.length_buckets) if resolve_compile(t.compile, device) in GRAPH_MODES else None
     sampler = EpochSampler(len(train), t.seed)
+    loader = partial(split_loader, cfg, backbone, store, index, workers=workers, pin=pin, buckets=buckets)
     return Loaders(
-        train=split_loader(cfg, backbone, store, index, train, y_train, t.batch_size, sampler, workers, pin),
-        val=split_loader(
-            cfg, backbone, store, index, val, labels.labels(val.answers), t.eval_batch_size, None, workers, pin
-        ),
-        test=split_loader(
-            cfg, backbone, store, index, test, labels.labels(test.answers), t.eval_batch_size, None, workers, pin
-        ),
+        train=loader(train, y_train, t.batch_size, sampler),
+        val=loader(val, labels.labels(val.answers), t.eval_batch_size, None),
+        test=loader(test, labels.labels(test.answers), t.eval_batch_size, None),
         sampler=sampler,
         batches_per_epoch=math.ceil(len(train) / t.batch_size),
     )
@@ -270,14 +297,26 @@ def cached_store(cfg, backbone: Backbone, splits: list[Split], index, device, ph
 
 
 def split_loader(
-    cfg, backbone: Backbone, store, index, split: Split, y: list[int], batch_size: int, sampler, workers: int, pin: bool
+    cfg,
+    backbone: Backbone,
+    store,
+    index,
+    split: Split,
+    y: list[int],
+    batch_size: int,
+    sampler,
+    workers: int,
+    pin: bool,
+    buckets: list[int] | None = None,
 ) -> DataLoader:
-    """A loader over one split: rows of the feature ``store`` when there is one, else decoded images."""
+    """A loader over one split: rows of the feature ``store`` when there is one, else decoded images. ``pin``: batches
+    in page-locked memory (the main process stacks them there itself; workers leave it to the DataLoader)."""
     if store is not None:
         ds = FeatureDataset(split, y, store)
     else:
         ds = QADataset(split, y, index, backbone.image_processor, cfg.data.on_bad_image)
-    collate = Collator(backbone.tokenizer, cfg.backbone.image_position_offset)  # questions stay below image positions
+    max_tokens = cfg.backbone.image_position_offset  # questions stay below the image positions
+    collate = Collator(backbone.tokenizer, max_tokens, buckets, pin_memory=pin and workers == 0)
     return make_loader(ds, collate, batch_size, sampler, workers, pin)
 
 

@@ -95,7 +95,7 @@ class FeaturesConfig:
     dir: str = MISSING
     dtype: str = MISSING  # fp16 | fp32
     batch_size: int = MISSING  # images per CLIP forward while building
-    num_workers: int = MISSING
+    num_workers: int | None = MISSING  # None: one per CPU core
 
 
 @dataclass
@@ -170,7 +170,8 @@ class TrainerConfig:
     gpu_lease: bool = MISSING  # auto/cuda with several GPUs: each concurrent job leases one (clipqa/devices.py)
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     num_workers: int | None = MISSING  # None: auto (2 decoding images, 0 reading cached features)
-    compile: bool = MISSING  # torch.compile the text model
+    compile: str = MISSING  # auto | off | default | reduce-overhead | max-autotune (true = default, false = off)
+    length_buckets: list[int] = MISSING  # question padding lengths when compiled with CUDA graphs (static shapes)
     save_checkpoint: bool = MISSING
     phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
     init_from: str | None = MISSING  # warm start from an earlier run's best.pt
@@ -203,6 +204,10 @@ class RunConfig:
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
+
+
+# trainer.compile: auto (CUDA graphs on CUDA, eager on CPU), off/false, default/true, or a torch.compile mode.
+COMPILE_MODES = ("auto", "off", "false", "default", "true", "reduce-overhead", "max-autotune")
 
 
 def is_validated(cfg: DictConfig) -> bool:
@@ -296,6 +301,10 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
         )
     if t.num_workers is not None and t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
+    if t.compile.lower() not in COMPILE_MODES:
+        _fail("trainer.compile", t.compile, "unknown compile mode", f"choose one of {', '.join(COMPILE_MODES)}")
+    if not t.length_buckets or min(t.length_buckets) < 1:
+        _fail("trainer.length_buckets", t.length_buckets, "needs positive lengths", "use e.g. [16, 24, 32, 64]")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("trainer.precision", t.precision, "unknown precision", "choose auto, fp32, bf16 or fp16")
     it = c.image_tokens
@@ -306,7 +315,7 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
     f = c.features
     if f.dtype not in ("fp16", "fp32"):
         _fail("features.dtype", f.dtype, "unknown feature dtype", "choose fp16 or fp32")
-    if f.batch_size <= 0 or f.num_workers < 0:
+    if f.batch_size <= 0 or f.num_workers is not None and f.num_workers < 0:
         _fail("features.batch_size", f.batch_size, "must be > 0 (and num_workers >= 0)", "use e.g. 64 and 2")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         _fail("trainer.device", t.device, "unknown device", "choose auto, cpu, cuda or cuda:N")

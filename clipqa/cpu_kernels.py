@@ -30,9 +30,11 @@ class ThinLinear(nn.Linear):
     the N output features (P = torch threads slices), whose autograd backward is split the same way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if not _cpu_fp32(x):  # first: a GPU never asks for the thread count
+            return super().forward(x)
         n, k = self.weight.shape
         p = torch.get_num_threads()
-        if not _cpu_fp32(x) or self.bias is None or p < 2 or n % p or x.numel() > THIN_ROWS * k:
+        if self.bias is None or p < 2 or n % p or x.numel() > THIN_ROWS * k:
             return super().forward(x)
         x2 = x.reshape(-1, k)  # (M, K)
         w = self.weight.view(p, n // p, k).transpose(1, 2)  # (P, K, N/P): slice i = output features i*N/P ...
@@ -57,6 +59,14 @@ def use_cpu_kernels(model: nn.Module) -> None:
             module.__class__ = ThinLinear
     if type(model.head) is nn.Linear:
         model.head.__class__ = WideHead
+
+
+def use_plain_linears(module: nn.Module) -> None:
+    """Undo :func:`use_cpu_kernels` inside ``module`` (in place): for torch.compile, which chooses its own kernels
+    and would stop its graph at each of these forms' thread-count branches."""
+    for m in module.modules():
+        if type(m) in (ThinLinear, WideHead):
+            m.__class__ = nn.Linear
 
 
 def _split_k_mm(a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:

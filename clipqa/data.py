@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
@@ -262,11 +263,19 @@ class Collator:
 
     Batch: ``pixel_values (B, 3, H, W)`` (or ``image_features (B, N, D)`` from the feature cache),
     ``input_ids``/``attention_mask (B, T)`` with T = longest question in the batch (capped at ``max_tokens``),
+    ``question_rows (n_q,)`` (flat positions of the real question tokens in ``(B, T)``, ascending: the model packs
+    tokens with them, so the device never has to find them with a host-synchronising ``nonzero()``),
     ``labels (B,)``, ``types (B,)``, ``index (B,)`` (question number in the split).
+
+    ``buckets`` (``trainer.length_buckets``, used under CUDA graphs): T is rounded up to the first bucket length
+    that holds the batch's longest question, so training sees a few fixed shapes, each recorded as a graph once.
+    Padding never changes the answer (tests/test_model.py). ``pin_memory``: images or features are stacked
+    straight into page-locked memory, from which the copy to the GPU runs asynchronously (``non_blocking``).
     """
 
-    def __init__(self, tokenizer, max_tokens: int):
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+    def __init__(self, tokenizer, max_tokens: int, buckets: list[int] | None = None, pin_memory: bool = False):
+        self.tokenizer, self.max_tokens, self.pin_memory = tokenizer, max_tokens, pin_memory
+        self.buckets = sorted({min(b, max_tokens) for b in buckets or []} | {max_tokens}) if buckets else None
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor] | None:
         items = [it for it in items if it is not None]  # unreadable images under on_bad_image=skip
@@ -279,11 +288,19 @@ class Collator:
             max_length=self.max_tokens,
             return_tensors="pt",
         )
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+        if self.buckets:
+            T = next(b for b in self.buckets if b >= ids.shape[1])  # the last bucket is max_tokens: always found
+            ids = torch.nn.functional.pad(ids, (0, T - ids.shape[1]), value=self.tokenizer.pad_token_id)  # (B, T)
+            mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=0)  # (B, T)
         image = "image_features" if "image_features" in items[0] else "pixel_values"  # cached or decoded
+        first = items[0][image]
+        stacked = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=self.pin_memory)
         return {
-            image: torch.stack([it[image] for it in items]),  # (B, 3, H, W) pixels or (B, N, D) cached features
-            "input_ids": enc["input_ids"],  # (B, T)
-            "attention_mask": enc["attention_mask"],  # (B, T)
+            image: torch.stack([it[image] for it in items], out=stacked),  # (B, 3, H, W) pixels or (B, N, D) features
+            "input_ids": ids,  # (B, T)
+            "attention_mask": mask,  # (B, T)
+            "question_rows": torch.from_numpy(np.flatnonzero(mask.numpy())),  # (n_q,) int64, found on the host
             "labels": torch.tensor([it["label"] for it in items]),  # (B,)
             "types": torch.tensor([it["type"] for it in items]),  # (B,)
             "index": torch.tensor([it["index"] for it in items]),  # (B,) position in the split

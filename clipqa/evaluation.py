@@ -34,6 +34,7 @@ def forward(model: ClipQA, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch["attention_mask"],
         pixel_values=batch.get("pixel_values"),
         image_features=batch.get("image_features"),
+        question_rows=batch.get("question_rows"),
     )
 
 
@@ -46,32 +47,35 @@ def evaluate(
     Questions the head cannot answer (label -1: a multi-wordpiece answer under head=vocab, an answer unseen in
     training under head=answers) count as wrong and are left out of the loss only. Returns (metrics, predictions)
     with predictions mapping question number in the split -> predicted class id.
+
+    Predictions and loss sums stay on the device until the split is done (one host read at the end, not one per
+    batch); labels, types and question numbers are read from the batch's host copy.
     """
     was_training = model.training
     model.eval()
-    correct: list[bool] = []
-    types: list[int] = []
-    preds: dict[int, int] = {}
-    loss_sum, loss_n = 0.0, 0
+    preds_dev: list[torch.Tensor] = []
+    loss_dev: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    types: list[torch.Tensor] = []
+    index: list[torch.Tensor] = []
     for batch in tqdm(loader, desc=f"evaluating {split}", leave=False, unit="batch"):
         if batch is None:
             continue
-        batch = to_device(batch, device)
+        on_device = to_device(batch, device)
         with autocast(device, precision):
-            logits = forward(model, batch)  # (B, C)
-        labels = batch["labels"]
-        known = labels >= 0
-        if known.any():
-            loss_sum += F.cross_entropy(logits[known].float(), labels[known], reduction="sum").item()
-            loss_n += int(known.sum())
-        pred = logits.argmax(-1)
-        correct += (pred == labels).tolist()
-        types += batch["types"].tolist()
-        preds.update(zip(batch["index"].tolist(), pred.tolist(), strict=True))
+            logits = forward(model, on_device)  # (B, C)
+        y = on_device["labels"]
+        loss_dev.append(F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum"))  # () without the -1s
+        preds_dev.append(logits.argmax(-1))  # (B,)
+        labels.append(batch["labels"]), types.append(batch["types"]), index.append(batch["index"])
     model.train(was_training)
-    out = M.accuracy_by_type(correct, types, f"{split}/acc")
+    if not preds_dev:
+        return {**M.accuracy_by_type([], [], f"{split}/acc"), f"{split}/loss": float("nan")}, {}
+    pred, y = torch.cat(preds_dev).cpu(), torch.cat(labels)  # (n,): the one host read
+    loss_sum, loss_n = sum(torch.stack(loss_dev).tolist()), int((y >= 0).sum())
+    out = M.accuracy_by_type((pred == y).tolist(), torch.cat(types).tolist(), f"{split}/acc")
     out[f"{split}/loss"] = loss_sum / loss_n if loss_n else float("nan")
-    return out, preds
+    return out, dict(zip(torch.cat(index).tolist(), pred.tolist(), strict=True))
 
 
 def write_predictions(path: Path, split: Split, preds: dict[int, int], classes: list[str]) -> None:

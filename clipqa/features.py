@@ -184,19 +184,22 @@ def ensure_store(
     folder: str | Path,
     device: torch.device,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     on_bad_image: str,
 ) -> FeatureStore:
     """The finished store for these images and this encoder, built now if no process has built it yet.
 
     ``paths``: image id -> file for every image a run needs; ``users``: image id -> which question uses it (for
-    error messages). Blocks while another process builds the same key. Raises ClipqaError naming the file for an
+    error messages). ``num_workers``: processes decoding images (None: one per CPU core this process may use).
+    Blocks while another process builds the same key. Raises ClipqaError naming the file for an
     unreadable image under ``on_bad_image=error``; under ``skip`` the image is recorded as bad (its questions are
     dropped by the dataset and logged).
     """
     from filelock import FileLock, Timeout
 
     t0 = time.perf_counter()
+    if num_workers is None:  # decoding JPEGs is the build's bottleneck once CLIP runs on a GPU: use every core
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     description = describe(vision, processor, select, k, dtype)
     key = store_key(description, image_fingerprints(paths))
     root = Path(folder).expanduser()

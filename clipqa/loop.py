@@ -31,7 +31,7 @@ from clipqa.model import ClipQA
 from clipqa.schedule import Phase
 from clipqa.signals import StopRequest
 from clipqa.tracking import Tracker
-from clipqa.train_state import Best, StepTimer, TrainState
+from clipqa.train_state import Best, FirstNonFinite, StepTimer, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
         self.optimizer: torch.optim.Optimizer | None = None
         self.params_by_name = dict(model.named_parameters())
+        self.nonfinite = FirstNonFinite()  # checked where the loop reads results anyway, never per step
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def fit(self, state: TrainState, resumed: dict | None = None):
@@ -128,7 +129,7 @@ class Trainer:
             loss = self.step(batch, phase, state)
             bar.update(1)
             log_now = state.step % self.t.log_every == 0 or state.step == state.phase_start + 1
-            loss_value = loss.item() if log_now else None  # a host sync: only when logging
+            loss_value = self.read_loss(loss, state) if log_now else None  # a host sync: only when logging
             timer.lap()
             if log_now:
                 self.log_step(state, loss_value, bar)
@@ -148,16 +149,19 @@ class Trainer:
         self.stop_if_requested(state)
 
     def step(self, batch: dict[str, torch.Tensor], phase: Phase, state: TrainState) -> torch.Tensor:
-        """One optimizer step; returns the loss (still on the device)."""
+        """One optimizer step; returns the loss (still on the device).
+
+        Nothing here makes the host wait for the GPU (tests/test_sync_free.py): the next step's kernels are queued
+        while this one runs. A non-finite loss is noted on the device and raised at the next read (logging,
+        validation, checkpoint), naming the step where it happened.
+        """
         batch = to_device(batch, self.device)
+        if self.model.graphed_text is not None:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are done
         with autocast(self.device, self.precision):
             logits = forward(self.model, batch)  # (B, C)
             loss = F.cross_entropy(logits.float(), batch["labels"])
-        if not torch.isfinite(loss):
-            raise ClipqaError(
-                f"Non-finite loss {loss.item()} at step {state.step} (phase {phase.name}, epoch {state.epoch}, lr "
-                f"{phase.lr:g}). Lower optimizer.lr or use trainer.precision=fp32."
-            )
+        self.nonfinite.note(loss.detach(), state.step, state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -200,6 +204,21 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = phase.lr
 
+    def read_loss(self, loss: torch.Tensor, state: TrainState) -> float:
+        """The loss as a number (a host sync), after checking that no step since the last read had a non-finite one."""
+        self.raise_if_nonfinite(state)
+        return loss.item()
+
+    def raise_if_nonfinite(self, state: TrainState) -> None:
+        if (bad := self.nonfinite.first()) is None:
+            return
+        loss, step, epoch = bad
+        phase = self.phases[state.phase]
+        raise ClipqaError(
+            f"Non-finite loss {loss} at step {step} (phase {phase.name}, epoch {epoch}, lr {phase.lr:g}). Lower "
+            "optimizer.lr or use trainer.precision=fp32."
+        )
+
     def log_step(self, state: TrainState, loss_value: float, bar) -> None:
         rate = state.seen_here / state.seconds
         bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{rate:.1f}")
@@ -215,6 +234,7 @@ class Trainer:
 
     def validate(self, state: TrainState) -> None:
         """Validate; keep a copy of the weights if they are the phase's best; let a sweeper prune the run."""
+        self.raise_if_nonfinite(state)
         val, _ = evaluate(self.model, self.loaders.val, self.device, self.precision, "val")
         state.history.append({"step": state.step, **val})
         self.tracker.log_metrics(val, state.step)
@@ -236,6 +256,7 @@ class Trainer:
             raise Preempted(f"stopped by {self.stop.reason} at step {state.step}; re-run the same command to resume")
 
     def save_checkpoint(self, state: TrainState) -> None:
+        self.raise_if_nonfinite(state)  # never a checkpoint of weights that a non-finite loss has reached
         save_resume(self.out, self.resume_state(state), self.t.keep_checkpoints)
 
     def resume_state(self, state: TrainState) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 
 from clipqa.errors import ClipqaError
 from clipqa.image_tokens import select_tokens
-from clipqa.packed_text import encode_packed, is_packable
+from clipqa.packed_text import encode_packed, is_packable, packed_rows
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -93,6 +93,8 @@ class ClipQA(nn.Module):
         self.image_tokens = image_tokens
         self.feature_dtype = feature_dtype
         self.lean_text = True  # clipqa.packed_text for a DistilBERT; False: its own forward (padding, all positions)
+        self.compiled_text = None  # trainer.compile: encode_packed compiled (dynamic shapes, packed tokens)
+        self.graphed_text = None  # trainer.compile with CUDA graphs: encode_packed compiled for training's fixed shapes
         self.frozen: set[str] = set()  # set by clipqa.freeze.apply_freeze
 
     def train(self, mode: bool = True) -> ClipQA:
@@ -118,7 +120,10 @@ class ClipQA(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        question_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``question_rows (n_q,)``: flat positions of the real question tokens in ``(B, T)`` (the collator's); None:
+        found here with ``nonzero()``, a host-device sync (fine outside training)."""
         feats = self.encode_image(pixel_values) if image_features is None else image_features  # (B, N, D_vision)
         # No graph where no gradient is wanted: a frozen mapper needs none, and when the text model is frozen too
         # nothing before the head trains (e.g. the paper's V1), so the whole backbone runs under no_grad.
@@ -139,20 +144,43 @@ class ClipQA(nn.Module):
                     self.image_position_offset + torch.arange(N, device=x.device),
                 ]
             ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
-            at = 0 if self.readout == "cls" else x.shape[1] - 1  # [CLS] or the last image token (the paper)
-            pooled = self._encode_text(x, mask, positions, at)  # (B, D)
+            at = 0 if self.readout == "cls" else -1  # [CLS] or the last image token (the paper); no size: no recompile
+            pooled = self._encode_text(x, mask, positions, at, attention_mask, question_rows)  # (B, D)
         return self.head(pooled)  # (B, n_classes): the head sees only the readout position
 
-    def compile_text(self) -> None:
-        """``trainer.compile``: torch.compile the text encoder (DistilBERT, packed or not) in place.
+    def compile_text(self, mode: str, static: bool) -> None:
+        """``trainer.compile``: torch.compile the lean text path (:func:`clipqa.packed_text.encode_packed`).
 
-        Dynamic shapes, because batches are padded per batch; parameters and ``state_dict`` keys are unchanged, so
-        checkpoints load either way. The first steps pay the compilation (minutes on a CPU).
+        ``static`` (CUDA graphs, ``mode="reduce-overhead"``): training steps run the padded layout, whose shapes are
+        fixed by the loader's few bucket lengths, so each shape's graph is recorded once and replayed (one launch
+        instead of hundreds); evaluation keeps the eager packed path (large batches are not launch-bound). Otherwise
+        dynamic shapes on the packed tokens. Parameters and ``state_dict`` keys are unchanged, so checkpoints load
+        either way. The first steps pay the compilation (tens of seconds; minutes on a CPU).
         """
-        self._encode_text = torch.compile(self._encode_text, dynamic=True)
+        # dynamic=True: one compilation for every batch and bucket size (CUDA graphs are still recorded per shape)
+        compiled = torch.compile(encode_packed, mode=mode, dynamic=True)
+        if static:
+            self.graphed_text = compiled
+        else:
+            self.compiled_text = compiled
 
-    def _encode_text(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, at: int) -> torch.Tensor:
-        """DistilBERT over ``x (B, L, D)`` with padding ``mask (B, L)``: its last layer's output at ``at``, (B, D)."""
-        if self.lean_text and is_packable(self.text):
-            return encode_packed(self.text, x, mask, positions, at)
-        return self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state[:, at]
+    def _encode_text(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        at: int,
+        question_mask: torch.Tensor,
+        question_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """DistilBERT over ``x (B, L, D)`` with padding ``mask (B, L)``: its last layer's output at ``at`` (an index,
+        -1 = the last position), (B, D)."""
+        if not (self.lean_text and is_packable(self.text)):
+            return self.text(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state[:, at]
+        if self.graphed_text is not None and self.training:  # static shapes: every position, no packing
+            return self.graphed_text(self.text, x, mask, positions, at)
+        (B, T), N = question_mask.shape, x.shape[1] - question_mask.shape[1]
+        if question_rows is None:
+            question_rows = question_mask.reshape(-1).nonzero().squeeze(1)  # (n_q,): a host sync; not in training
+        rows = packed_rows(question_rows, B, T, N)  # (n,): where the real tokens sit in the flat (B, T + N) batch
+        return (self.compiled_text or encode_packed)(self.text, x, mask, positions, at, rows)

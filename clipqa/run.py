@@ -25,6 +25,7 @@ from clipqa.build import (
     build_loaders,
     build_model,
     claim_device,
+    compile_model,
     keep_freed_memory,
     load_data,
     resolve_precision,
@@ -120,8 +121,7 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
 
     # 3. model, loaders (from the feature cache when no phase trains the vision tower) ------------------------------
     model = build_model(cfg, backbone, len(labels)).to(device)
-    if t.compile:
-        model.compile_text()
+    compile_model(model, t.compile, device)  # trainer.compile (auto: CUDA graphs on CUDA, eager on CPU)
     state = TrainState()
     if t.init_from:
         state.trained_parts |= load_init(model, t.init_from)

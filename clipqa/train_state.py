@@ -36,6 +36,33 @@ class TrainState:
     seen_here: int = 0  # this process: examples trained on
 
 
+class FirstNonFinite:
+    """The first training step whose loss was not finite, noted on the loss's device.
+
+    Testing ``torch.isfinite(loss)`` in an ``if`` every step would make the host wait for the GPU every step; here
+    the test is a few device ops and the answer is read (one sync) only where the loop reads results anyway.
+    """
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] | None = None  # 0-dim float64 loss, step, epoch of the first one; step -1: none
+
+    def note(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        if self.seen is None:
+            self.seen = [torch.full((), v, dtype=torch.float64, device=loss.device) for v in (0.0, -1.0, 0.0)]
+        first = torch.logical_and(~torch.isfinite(loss), self.seen[1] < 0)  # () bool, stays on the device
+        # Python numbers enter as kernel arguments (no host-to-device copy); where() keeps the first one seen.
+        self.seen = [
+            torch.where(first, new, old) for new, old in zip((loss.double(), step, epoch), self.seen, strict=True)
+        ]
+
+    def first(self) -> tuple[float, int, int] | None:
+        """(loss, step, epoch) of the first non-finite loss, or None (a host read)."""
+        if self.seen is None:
+            return None
+        loss, step, epoch = torch.stack(self.seen).tolist()
+        return None if step < 0 else (loss, int(step), int(epoch))
+
+
 class StepTimer:
     """Adds the time of each training step (data wait included, validation and checkpoints excluded) to state."""
 

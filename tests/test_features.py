@@ -145,6 +145,23 @@ def test_an_interrupted_build_never_looks_complete_and_the_next_build_finishes(t
     assert torch.equal(store[4], expected)
 
 
+def test_a_build_decoding_in_one_worker_per_core_stores_the_same_rows(tmp_path, cache_dir, monkeypatch):
+    """features.num_workers=null decodes in one worker process per usable core (the build's bottleneck once CLIP
+    runs on a GPU) and stores exactly what a build in the main process stores. Catches None reaching the
+    DataLoader, or rows written out of order by parallel workers."""
+    b, paths = _store_inputs(cache_dir, tmp_path)
+    seen = []
+    real_loader = features.DataLoader
+    monkeypatch.setattr(
+        features, "DataLoader", lambda *a, **kw: seen.append(kw["num_workers"]) or real_loader(*a, **kw)
+    )
+    monkeypatch.setattr(features.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    parallel = _ensure(b, paths, tmp_path / "parallel", num_workers=None)
+    serial = _ensure(b, paths, tmp_path / "serial", num_workers=0)
+    assert seen == [2, 0]
+    assert all(torch.equal(parallel[i], serial[i]) for i in paths)
+
+
 def test_an_unreadable_image_fails_the_build_naming_file_and_question(tmp_path, cache_dir):
     b, paths = _store_inputs(cache_dir, tmp_path)
     paths[2].write_bytes(paths[2].read_bytes()[:40])  # truncated JPEG

@@ -6,9 +6,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipqa.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
+from clipqa.data import Collator
 from clipqa.errors import ClipqaError
 from clipqa.freeze import apply_freeze, trainable_state
 from clipqa.model import ClipQA, MLPMapper
+from clipqa.packed_text import encode_packed
 from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
 
 TINY = OmegaConf.create(
@@ -22,6 +24,7 @@ TINY = OmegaConf.create(
         heads=2,
         vocab_size=60,
         seed=0,
+        pretrain=None,  # random init (backbone.tiny.pretrain)
     )
 )
 TEXT = ["what color is the circle", "how many squares are there in the kitchen", "red", "two"]
@@ -152,18 +155,46 @@ def test_best_weights_are_a_copy_not_a_reference(backbone):
     assert torch.equal(snap["head.weight"], before)
 
 
+QUESTIONS = ["what is red", "how many circles are there in the field", "where is it"]
+
+
+def no_dropout(model: ClipQA) -> ClipQA:
+    """Training mode (the static-shape path runs only while training) without dropout noise: comparable numbers."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
+def collate(backbone, pixels: torch.Tensor, buckets=None) -> dict[str, torch.Tensor]:
+    items = [
+        {"pixel_values": p, "question": q, "label": 0, "type": 0, "index": i}
+        for i, (p, q) in enumerate(zip(pixels, QUESTIONS, strict=True))
+    ]
+    return Collator(backbone.tokenizer, 64, buckets)(items)
+
+
+def run_text_path(model: ClipQA, path: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits through one text path: DistilBERT's own forward, the packed one (rows from the collator, or found
+    on the device), or the padded layout that CUDA graphs use (encode_packed itself stands in for its compiled form)."""
+    model.lean_text, model.graphed_text = path != "distilbert", encode_packed if path == "static shapes" else None
+    rows = batch["question_rows"] if path in ("packed", "static shapes") else None
+    return model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], question_rows=rows)
+
+
+@pytest.mark.parametrize("path", ["packed", "packed, rows found on the device", "static shapes"])
 @pytest.mark.parametrize("readout", ["cls", "last"])
-def test_the_lean_text_path_gives_distilberts_own_answer_and_gradients(backbone, readout):
-    """Padding removed + readout-only last layer == DistilBERT's own forward over the padded batch: same logits,
-    same gradients for the mapper, the text model (were it unfrozen) and the head, with questions of 3 lengths."""
+def test_the_lean_text_path_gives_distilberts_own_answer_and_gradients(backbone, readout, path):
+    """Padding removed (or kept, for static shapes) + readout-only last layer + SDPA with an additive float mask ==
+    DistilBERT's own forward over the padded batch: same logits, same gradients for the mapper, the text model
+    (were it unfrozen) and the head, with questions of 3 lengths. Catches a wrong packing index (e.g. rows from
+    the collator that miss the image tokens) or a mask that lets real tokens attend to padding."""
     model = make_model(backbone, readout)
     apply_freeze(model, vision=True, text=False, mapper=False)  # text trains: its gradients are compared too
-    model.eval()  # no dropout: both paths must give the same numbers
-    enc = backbone.tokenizer(
-        ["what is red", "how many circles are there in the field", "where is it"], padding=True, return_tensors="pt"
-    )
-    assert (enc["attention_mask"] == 0).any()  # the batch has padding to remove
-    pixels = torch.randn(3, 3, 32, 32)
+    no_dropout(model)  # both paths must give the same numbers
+    torch.manual_seed(1)
+    batch = collate(backbone, torch.randn(3, 3, 32, 32))
+    assert (batch["attention_mask"] == 0).any()  # the batch has padding to remove
     watched = {
         "mapper": model.mapper.net[0].weight,
         "first text layer": model.text.transformer.layer[0].attention.q_lin.weight,
@@ -171,16 +202,41 @@ def test_the_lean_text_path_gives_distilberts_own_answer_and_gradients(backbone,
         "head": model.head.weight,
     }
     outs, grads = [], []
-    for lean in (True, False):
-        model.lean_text = lean
+    for p in (path, "distilbert"):
         model.zero_grad()
-        logits = model(enc["input_ids"], enc["attention_mask"], pixel_values=pixels)
+        logits = run_text_path(model, p, batch)
         logits.logsumexp(-1).sum().backward()
         outs.append(logits.detach())
         grads.append({name: p.grad.clone() for name, p in watched.items()})
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     for name in watched:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("path", ["packed", "static shapes"])
+def test_bucketed_padding_gives_the_same_logits_as_per_batch_padding(backbone, path):
+    """trainer.length_buckets pads questions to 24 or 32 tokens (CUDA graphs need few shapes) instead of the
+    batch's longest: the answer must not change (it would if padding leaked into attention or positions)."""
+    model = no_dropout(make_model(backbone, "last"))
+    torch.manual_seed(2)
+    pixels = torch.randn(3, 3, 32, 32)
+    plain, bucketed = collate(backbone, pixels), collate(backbone, pixels, buckets=[24, 32])
+    assert plain["input_ids"].shape[1] < 24 and bucketed["input_ids"].shape[1] == 24
+    with torch.no_grad():
+        a, b = run_text_path(model, path, plain), run_text_path(model, path, bucketed)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_collator_rounds_question_length_up_to_a_bucket_and_lists_the_real_tokens(backbone):
+    c = Collator(backbone.tokenizer, 20, buckets=[4, 8, 64])  # 64 > max_tokens: capped to 20
+    items = [
+        {"pixel_values": torch.zeros(3, 2, 2), "question": q, "label": 0, "type": 0, "index": 0} for q in QUESTIONS
+    ]
+    batch = c(items)
+    assert batch["input_ids"].shape[1] in (8, 20) and c.buckets == [4, 8, 20]
+    mask = batch["attention_mask"]
+    assert torch.equal(batch["question_rows"], mask.reshape(-1).nonzero().squeeze(1))
+    assert (batch["input_ids"][mask == 0] == backbone.tokenizer.pad_token_id).all()
 
 
 @pytest.fixture(params=[2, 3], ids=lambda n: f"{n}threads")
