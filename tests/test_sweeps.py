@@ -99,6 +99,21 @@ def test_the_demos_own_run_is_five_passes_and_smoke_stays_two():
     assert [p.epochs for p in resolve_phases(smoke)] == [2]
 
 
+@pytest.mark.parametrize("name", ["optuna", "optuna_tradeoff"])
+def test_the_optuna_search_on_the_demo_brackets_the_demos_learning_rate(name):
+    """Bug caught: the Optuna search on the demo drawing most learning rates from the hub models' range
+    (1e-5..3e-3), where the tiny demo models learn nothing in a few hundred steps: a 6-trial search ended at the
+    answer prior. The demo's backbone gets its own range around its base lr; COCO-QA's search is unchanged."""
+    hub = compose_sweep(name, [])
+    assert hub.hydra.sweeper.params["optimizer.lr"] == "tag(log, interval(1e-5, 3e-3))"
+    for experiment in ("experiment=demo", "experiment=smoke"):
+        cfg = compose_sweep(name, [experiment])
+        params = dict(cfg.hydra.sweeper.params)
+        assert params.pop("optimizer.lr") == "tag(log, interval(2e-4, 1e-2))"
+        assert 2e-4 < cfg.optimizer.lr < 1e-2  # the demo's base learning rate lies inside
+        assert params == {k: v for k, v in hub.hydra.sweeper.params.items() if k != "optimizer.lr"}  # same space
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, n_jobs",
