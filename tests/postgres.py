@@ -96,7 +96,8 @@ def start_postgres() -> Postgres:
          "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"]
     )  # fmt: skip
     (folder / "pw").unlink()
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' -c max_connections=200 -c fsync=off"
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
+    options += " -c max_connections=200 -c fsync=off"  # many test clients; durability is not what tests check
     started = _as_owner(
         [str(bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(folder / "data"), "-l", str(folder / "log"),
          "-o", options],
