@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -32,8 +33,18 @@ def cache_dir(tmp_path_factory) -> Path:
     """One cache folder (demo data, tiny backbones) shared by the whole session; also used by subprocesses.
 
     Also points MLflow's default store at a session folder, so no test writes to the project's mlflow.db.
+
+    Tiny backbones already built in the user's cache (``$CLIPQA_CACHE_DIR`` or ``~/.cache/clipqa``: by the demo, or
+    by ``.ci/run``'s smoke run) are copied in, so a session does not pay the pretrained preset's ~40 s build again.
+    Safe to share: each is a finished build (written to a temp folder, then renamed) under a key that hashes its
+    config and the pretraining code's version. ``tests/test_demo_backbone.py`` builds its own, from nothing.
     """
     d = tmp_path_factory.mktemp("clipqa-cache")
+    user_cache = Path(os.environ.get("CLIPQA_CACHE_DIR") or "~/.cache/clipqa").expanduser() / "tiny-backbone"
+    for built in user_cache.glob("*/text/config.json") if user_cache.is_dir() else ():
+        key = built.parent.parent
+        if ".tmp-" not in key.name:
+            shutil.copytree(key, d / "tiny-backbone" / key.name)
     os.environ["CLIPQA_CACHE_DIR"] = str(d)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'session-mlflow.db'}"
     return d
