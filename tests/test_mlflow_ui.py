@@ -62,7 +62,7 @@ def runs_table_with_test_acc(page, names, screenshot: str) -> str:
     ``names`` are listed, save a screenshot under tests/artifacts/; return the table's text."""
     page.get_by_text("matching runs").wait_for(timeout=60_000)
     # Show the test/acc column (Columns -> search -> tick it).
-    page.get_by_role("button", name="Columns").click()
+    page.get_by_role("button", name="Columns", exact=True).click()  # not "Show more columns (N total)"
     page.get_by_placeholder("Search columns").fill("test/acc")
     # The filtered Metrics group may or may not be expanded already: expand it only while test/acc is hidden.
     title = page.locator("[class*='tree-title']").filter(has_text=re.compile(r"^test/acc$")).first
