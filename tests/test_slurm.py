@@ -257,8 +257,11 @@ def test_a_failing_job_is_failed_in_mlflow_and_reported_by_the_launcher(slurm_cl
     runs = client.search_runs([client.get_experiment_by_name("f").experiment_id])
     status = {x.info.run_name: x.info.status for x in runs if x.data.tags.get("clipqa.sweep") != "true"}
     assert status == {"trainer.init_from=null": "FINISHED", "trainer.init_from=/nonexistent/best.pt": "FAILED"}
-    (failed,) = [x for x in runs if x.info.status == "FAILED"]
+    (failed,) = [x for x in runs if x.info.status == "FAILED" and x.data.tags.get("clipqa.sweep") != "true"]
     assert "no such file" in failed.data.tags["error"]
+    (parent,) = [x for x in runs if x.data.tags.get("clipqa.sweep") == "true"]  # closed, not left RUNNING
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["clipqa.jobs"] == "2 jobs: 1 finished, 0 pruned, 1 failed"
 
 
 def test_an_optuna_study_runs_its_trials_as_slurm_jobs(slurm_cluster, tmp_path):
