@@ -3,7 +3,8 @@
     python train.py experiment=demo
     python train.py -m experiment=demo mapper.num_layers=0,1,2
 
-The run logic is :func:`clipqa.run.train` (importable, tested directly). User-fixable problems (ClipqaError) are
+The run logic is :func:`clipqa.training.run.train` (importable, tested directly). User-fixable problems (ClipqaError)
+are
 printed as one paragraph without a traceback, and the process exits with status 2.
 """
 
@@ -23,7 +24,7 @@ log = logging.getLogger("clipqa")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     from clipqa.config import validate
-    from clipqa.optuna_study import TrialJob, objective
+    from clipqa.sweep.optuna_trial import TrialJob, objective
 
     trial = TrialJob.from_env()  # set when the Optuna sweeper (hydra/sweeper=clipqa_optuna) launched this job
     try:
@@ -31,11 +32,11 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
             with open_dict(cfg):
                 cfg.optuna = {"trial": trial.number, "study_name": trial.study_name}
         cfg = validate(cfg)  # bad config values fail here, before torch/transformers load the models
-        from clipqa.run import train
-        from clipqa.tracking import hydra_run_info
+        from clipqa.tracking.tracker import hydra_run_info
+        from clipqa.training.run import train
 
         info = hydra_run_info()
-        if trial is not None:  # clipqa.tracking.run_name reads the trial number from the overrides
+        if trial is not None:  # clipqa.tracking.tracker.run_name reads the trial number from the overrides
             info.overrides.append(f"+optuna.trial={trial.number}")
         on_validation = trial.pruning_callback() if trial else None  # val/acc to the trial, so it can prune
         metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)

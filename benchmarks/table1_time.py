@@ -5,7 +5,8 @@
 
 Offline, like benchmarks/throughput.py (its data and model writers): real-size random-weight CLIP ViT-B/32 +
 distilbert-base (30,522-entry vocabulary) saved like hub checkpoints, synthetic COCO-QA-format data with 640x480
-JPEGs. Through ``clipqa.run.train`` with the device's defaults (on CUDA: bf16 autocast, CUDA graphs over bucketed
+JPEGs. Through ``clipqa.training.run.train`` with the device's defaults (on CUDA: bf16 autocast, CUDA graphs over
+bucketed
 question lengths, pinned batches; evaluation at batch 1024) it measures
 
 1. the feature cache build (``clipqa-cache``, decoding in one worker per core): images/s, and COCO 2014's 123,287
@@ -52,28 +53,28 @@ TABLE1 = {"V1": (1, 0, 1), "V2": (1, 0, 1), "V3": (1, 1, 2), "V4": (1, 2, 3)}
 
 
 class Clock:
-    """Times clipqa.loop.evaluate calls (split, questions, seconds) and the cache build's encoding."""
+    """Times clipqa.training.loop.evaluate calls (split, questions, seconds) and the cache build's encoding."""
 
     def __init__(self):
         self.evals: list[tuple[str, int, float]] = []
         self.build_seconds = 0.0
 
     def wrap_build(self):
-        import clipqa.features
+        import clipqa.models.feature_cache
 
-        build = clipqa.features._build
+        build = clipqa.models.feature_cache._build
 
         def timed(*args, **kwargs):  # decoding in worker processes, CLIP, writing rows (not the key's weight digest)
             t0 = time.perf_counter()
             build(*args, **kwargs)
             self.build_seconds += time.perf_counter() - t0
 
-        clipqa.features._build = timed
+        clipqa.models.feature_cache._build = timed
 
     def wrap_evaluate(self):
-        import clipqa.loop
+        import clipqa.training.loop
 
-        evaluate = clipqa.loop.evaluate
+        evaluate = clipqa.training.loop.evaluate
 
         def timed(model, loader, device, precision, split):
             t0 = time.perf_counter()
@@ -81,7 +82,7 @@ class Clock:
             self.evals.append((split, len(loader.dataset), time.perf_counter() - t0))
             return out
 
-        clipqa.loop.evaluate = timed
+        clipqa.training.loop.evaluate = timed
 
 
 def run_rate(work: Path, name: str, overrides: list[str], warmup: int, clock: Clock) -> dict:

@@ -11,7 +11,7 @@ layout with 640x480 JPEGs, then measures training examples/s of
 
 (a) the original pipeline (benchmarks/original.py: decode + CLIP pre-processing + CLIP forward every step, questions
     padded to 63, head over all 113 positions), the paper's V2: 2 mapper layers, frozen text, batch 8, Adam 1e-4;
-(b) clipqa, same sizes, batch and configuration, through ``clipqa.run.train`` with the feature cache;
+(b) clipqa, same sizes, batch and configuration, through ``clipqa.training.run.train`` with the feature cache;
 (c) clipqa with the CLS token only (``image_tokens=cls``);
 
 and the wall time of a 4-variant sweep (``optimizer.lr`` x4 by default, ``--lrs``; each run as many steps as the
@@ -213,14 +213,14 @@ def compose(overrides: list[str]):
 
 
 def run_clipqa(work: Path, name: str, overrides: list[str], warmup: int) -> tuple[dict, float]:
-    """One full clipqa run (set-up, training, validation, test) through clipqa.run.train; (metrics, wall s).
+    """One full clipqa run (set-up, training, validation, test) through clipqa.training.run.train; (metrics, wall s).
 
     ``metrics["steady_examples_per_s"]``: training examples/s after the first ``warmup`` steps, the same exclusion as
     the original's (a); clipqa's own ``train/examples_per_s`` counts every step. Read from the cumulative rate the
     loop logs at step ``warmup`` (``trainer.log_every=warmup``) and its final ``train/seconds``.
     """
-    from clipqa.run import train
-    from clipqa.tracking import Tracker
+    from clipqa.tracking.tracker import Tracker
+    from clipqa.training.run import train
 
     class StepClock(Tracker):  # records the loop's (step, cumulative examples/s) rows
         def __init__(self):
@@ -243,10 +243,10 @@ def run_clipqa(work: Path, name: str, overrides: list[str], warmup: int) -> tupl
 def clipqa_flops_per_example(overrides: list[str]) -> tuple[float, float]:
     """FLOPs of one clipqa V2 training step (forward + backward, from cached features) / batch size, with all 50
     image tokens and with the CLS token only."""
-    from clipqa.build import build_model
     from clipqa.config import validate
-    from clipqa.freeze import apply_freeze
-    from clipqa.pretrained import load_backbone
+    from clipqa.models.backbones import load_backbone
+    from clipqa.models.freeze import apply_freeze
+    from clipqa.training.build import build_model
 
     cfg = validate(compose(overrides))
     backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)

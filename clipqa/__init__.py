@@ -1,6 +1,6 @@
 """clipqa: CLIP vision tokens -> MLP mapper -> DistilBERT, for one-word answers on COCO-QA.
 
-The run function is :func:`clipqa.run.train`; ``train.py`` is its Hydra entry point. The README's Layout
+The run function is :func:`clipqa.training.run.train`; ``train.py`` is its Hydra entry point. The README's Layout
 section maps the modules and which way their imports point.
 """
 

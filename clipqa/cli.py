@@ -45,10 +45,10 @@ def cache(argv: list[str] | None = None) -> None:
         _fail("clipqa-cache", f"cannot find the config folder {folder} (install clipqa with pip install -e).")
     from hydra import compose, initialize_config_dir
 
-    from clipqa.build import feature_store, load_data, pick_device
     from clipqa.config import validate
-    from clipqa.pretrained import load_backbone
-    from clipqa.schedule import resolve_phases
+    from clipqa.models.backbones import load_backbone
+    from clipqa.training.build import feature_store, load_data, pick_device
+    from clipqa.training.schedule import resolve_phases
 
     try:
         overrides = list(args.overrides)
@@ -78,8 +78,8 @@ def cache(argv: list[str] | None = None) -> None:
 
 def report(argv: list[str] | None = None) -> None:
     """``clipqa-report``: the comparison report (report.md, report.csv, charts) from MLflow runs."""
-    from clipqa.report import make_report
-    from clipqa.tracking import PARENT_FILE, fail_fast_http, read_parent, resolve_uri, server_errors
+    from clipqa.report.comparison import make_report
+    from clipqa.tracking.tracker import PARENT_FILE, fail_fast_http, read_parent, resolve_uri, server_errors
 
     p = argparse.ArgumentParser(
         prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
@@ -123,8 +123,8 @@ def report(argv: list[str] | None = None) -> None:
 
 def sync(argv: list[str] | None = None) -> None:
     """``clipqa-sync RUN_FOLDER``: upload the MLflow writes a run could not make while the server was away."""
-    from clipqa.tracking import PENDING_FILE
-    from clipqa.tracking import sync as upload
+    from clipqa.tracking.tracker import PENDING_FILE
+    from clipqa.tracking.tracker import sync as upload
 
     p = argparse.ArgumentParser(prog="clipqa-sync", description=sync.__doc__.split(": ", 1)[1])
     p.add_argument("run_folder", help=f"the run's output folder (holds {PENDING_FILE})")
@@ -155,7 +155,7 @@ def evaluate(argv: list[str] | None = None) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ (default: the project's)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from clipqa.inference import evaluate_checkpoint, find_checkpoint, load_trained, write_evaluation
+    from clipqa.inference.trained import evaluate_checkpoint, find_checkpoint, load_trained, write_evaluation
 
     if a.batch_size is not None and a.batch_size <= 0:
         _fail("clipqa-eval", f"--batch-size {a.batch_size}: pass a positive number.")
@@ -202,7 +202,7 @@ def predict(argv: list[str] | None = None) -> None:
     for image, _ in items:  # before the model loads: a typo should not cost its loading time
         if not Path(image).is_file():
             _fail("clipqa-predict", f"Image not found: {image}. Pass the path of a JPEG or PNG file.")
-    from clipqa.inference import answer, find_checkpoint, load_trained
+    from clipqa.inference.trained import answer, find_checkpoint, load_trained
 
     try:
         with tempfile.TemporaryDirectory(prefix="clipqa-predict-") as tmp:
@@ -236,7 +236,7 @@ def _read_questions(path: str) -> list[tuple[str, str]]:
 
 def download(argv: list[str] | None = None) -> None:
     """``clipqa-download --to DIR``: fetch COCO-QA and the COCO 2014 images, verified, then print the overrides."""
-    from clipqa.download import ARCHIVES, COCO_URL, COCOQA_URL, MIRROR_ENV, download_datasets, targets
+    from clipqa.data.download import ARCHIVES, COCO_URL, COCOQA_URL, MIRROR_ENV, download_datasets, targets
 
     p = argparse.ArgumentParser(
         prog="clipqa-download",
@@ -278,7 +278,7 @@ def download(argv: list[str] | None = None) -> None:
 
 def demo_data(argv: list[str] | None = None) -> None:
     """``clipqa-demo-data --out DIR``: write the synthetic COCO-QA-format demo dataset to a folder."""
-    from clipqa.demo_data import generate
+    from clipqa.data.demo import generate
 
     p = argparse.ArgumentParser(prog="clipqa-demo-data", description="Write the synthetic COCO-QA-format demo dataset.")
     p.add_argument("--out", required=True, help="folder to create (data.root; images go to OUT/images)")

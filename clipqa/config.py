@@ -45,7 +45,8 @@ class DataConfig:
 
 @dataclass
 class TinyPretrainConfig:
-    """backbone=tiny_pretrained: how the tiny models are pretrained (clipqa/tiny_pretrain.py) before first use."""
+    """backbone=tiny_pretrained: how the tiny models are pretrained (clipqa/models/tiny_pretrain.py) before first
+    use."""
 
     seed: int = MISSING  # the pretraining world's scenes and pictures (not the demo data's seed)
     documents: int = MISSING  # text documents (a caption + questions with answers) for masked-LM
@@ -89,7 +90,7 @@ class ImageTokensConfig:
 
 @dataclass
 class FeaturesConfig:
-    """The frozen-feature cache (clipqa/features.py)."""
+    """The frozen-feature cache (clipqa/models/feature_cache.py)."""
 
     cache: bool = MISSING  # use it whenever no phase trains the vision tower
     dir: str = MISSING
@@ -146,7 +147,8 @@ class PhaseFreezeConfig:
 
 @dataclass
 class PhaseConfig:
-    """One training phase (``trainer.phases``); unset values are inherited, see clipqa.schedule.resolve_phases."""
+    """One training phase (``trainer.phases``); unset values are inherited, see
+    clipqa.training.schedule.resolve_phases."""
 
     name: str | None = None
     epochs: int = MISSING
@@ -167,7 +169,9 @@ class TrainerConfig:
     log_every: int = MISSING
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N
-    gpu_lease: bool = MISSING  # auto/cuda with several GPUs: each concurrent job leases one (clipqa/devices.py)
+    gpu_lease: bool = (
+        MISSING  # auto/cuda with several GPUs: each concurrent job leases one (clipqa/training/gpu_leases.py)
+    )
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     num_workers: int | None = MISSING  # None: auto (2 decoding images, 0 reading cached features)
     compile: str = MISSING  # auto | off | default | reduce-overhead | max-autotune (true = default, false = off)

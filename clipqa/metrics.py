@@ -15,7 +15,8 @@ TEST_PRIOR_ACC = "test/prior_acc"
 TRAIN_LOSS = "train/loss"
 OBJECTIVE = VAL_ACC  # what train.py returns to a sweeper
 
-# COCO-QA's soft accuracy (Malinowski & Fritz 2014; Ren et al. 2015 report WUPS@0.9 and WUPS@0.0): clipqa.wups.
+# COCO-QA's soft accuracy (Malinowski & Fritz 2014; Ren et al. 2015 report WUPS@0.9 and WUPS@0.0):
+# clipqa.evaluation.wups.
 WUPS_THRESHOLDS = (0.9, 0.0)
 N_TEST_EVALUATED = "data/n_test_evaluated"  # test questions actually answered (intervals use this count)
 

@@ -104,8 +104,8 @@ def check_test_metrics(run_dir: Path) -> None:
     - test/prior_acc[/<type>] is the accuracy of answering each type's most frequent training answer (ties
       alphabetically), counted from the training questions left after the validation split.
     """
-    from clipqa.data import read_split, train_val_split
-    from clipqa.demo_data import ensure_demo
+    from clipqa.data.cocoqa import read_split, train_val_split
+    from clipqa.data.demo import ensure_demo
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = OmegaConf.load(run_dir / "config.yaml")

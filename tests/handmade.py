@@ -1,4 +1,4 @@
-"""Build a small dataset by hand in the real COCO-QA + COCO 2014 layout (not through clipqa.demo_data.generate).
+"""Build a small dataset by hand in the real COCO-QA + COCO 2014 layout (not through clipqa.data.demo.generate).
 
 Images come in the modes real folders contain: RGB JPEG, greyscale JPEG, CMYK JPEG, and a PNG with alpha under a
 .jpg name (COCO has a few such oddities). Train questions use train2014/, test questions val2014/.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipqa.demo_data import COLORS, PLACES, SHAPES, _question, render
+from clipqa.data.demo import COLORS, PLACES, SHAPES, _question, render
 
 MODES = ["RGB", "L", "CMYK", "RGBA-png"]
 

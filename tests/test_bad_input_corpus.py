@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipqa.data import read_split
+from clipqa.data.cocoqa import read_split
 from clipqa.errors import ClipqaError
-from clipqa.run import train
+from clipqa.training.run import train
 from tests.conftest import SMALL_DEMO, compose_cfg
 from tests.handmade import make_cocoqa
 

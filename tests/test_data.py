@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipqa.data import (
+from clipqa.data.cocoqa import (
     Collator,
     LabelSpace,
     QADataset,
@@ -15,7 +15,7 @@ from clipqa.data import (
     train_val_split,
 )
 from clipqa.errors import ClipqaError
-from clipqa.pretrained import train_wordpiece
+from clipqa.models.backbones import train_wordpiece
 from tests.handmade import make_cocoqa
 
 

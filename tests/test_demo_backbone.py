@@ -1,11 +1,12 @@
-"""The demo's pretrained tiny backbones (backbone=tiny_pretrained, clipqa/tiny_pretrain.py): built reproducibly, so
+"""The demo's pretrained tiny backbones (backbone=tiny_pretrained, clipqa/models/tiny_pretrain.py): built
+reproducibly, so
 the feature cache's key (a digest of the vision weights) is the same on every build, and independent of the run's
 data, so the demo and the smoke test share one build."""
 
 import torch
 
-from clipqa.features import weights_digest
-from clipqa.pretrained import build_tiny, load_sources
+from clipqa.models.backbones import build_tiny, load_sources
+from clipqa.models.feature_cache import weights_digest
 from tests.conftest import compose_cfg
 
 # The full pretraining's code path with fewer steps, so that building twice stays a fast-tier test.

@@ -1,7 +1,8 @@
-"""GPU leases (clipqa/devices.py): concurrent jobs on one machine never share a GPU; a dead job's GPU comes back.
+"""GPU leases (clipqa/training/gpu_leases.py): concurrent jobs on one machine never share a GPU; a dead job's GPU
+comes back.
 
 The lease code is the one that runs on GPU machines; CPU tests reach it with a pretend GPU count
-(``CLIPQA_FAKE_GPU_COUNT``), the test seam described in clipqa/devices.py.
+(``CLIPQA_FAKE_GPU_COUNT``), the test seam described in clipqa/training/gpu_leases.py.
 """
 
 import json
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from clipqa.devices import lease_gpu
 from clipqa.errors import Preempted
-from clipqa.signals import StopRequest
+from clipqa.training.gpu_leases import lease_gpu
+from clipqa.training.signals import StopRequest
 from tests.conftest import SMALL_DEMO
 
 
@@ -78,7 +79,7 @@ def test_a_killed_jobs_gpu_is_free_again(tmp_path):
         [sys.executable, "-c", f"""
 import time
 from pathlib import Path
-from clipqa.devices import lease_gpu
+from clipqa.training.gpu_leases import lease_gpu
 with lease_gpu(Path({str(folder)!r}), ["fake0"], "victim") as index:
     print(index, flush=True)
     time.sleep(600)
@@ -122,7 +123,7 @@ def _job_leases(sweep_dir: Path) -> list[dict]:
     leases = []
     for log in sweep_dir.glob("*/train.log"):
         text = log.read_text()
-        lease = re.search(r"^\[([^\]]+)\]\[clipqa.build\]\[INFO\] - leased GPU (\d+) of 2", text, re.M)
+        lease = re.search(r"^\[([^\]]+)\]\[clipqa.training.build\]\[INFO\] - leased GPU (\d+) of 2", text, re.M)
         stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", text, re.M)
         assert lease, f"{log}: no lease line"
         leases.append(
@@ -141,7 +142,7 @@ def test_parallel_sweep_jobs_each_train_on_their_own_gpu(tmp_path):
     lease different GPUs, and both GPUs are used (the bug: all on cuda:0)."""
     sweep = tmp_path / "sweep"
     # No feature cache yet: the jobs build it inside joblib's (loky) worker processes, where DataLoader workers
-    # once failed to start (clipqa.data.worker_context). Demo data and backbones are copied, not rebuilt.
+    # once failed to start (clipqa.data.cocoqa.worker_context). Demo data and backbones are copied, not rebuilt.
     cache = tmp_path / "cache"
     shutil.copytree(os.environ["CLIPQA_CACHE_DIR"], cache, ignore=shutil.ignore_patterns("features", "gpu-leases"))
     env = {**os.environ, "CLIPQA_FAKE_GPU_COUNT": "2", "CLIPQA_CACHE_DIR": str(cache)}
@@ -161,9 +162,9 @@ def test_parallel_sweep_jobs_each_train_on_their_own_gpu(tmp_path):
 
 def test_a_pinned_device_takes_no_lease_and_auto_does(tmp_path, monkeypatch):
     """trainer.device=cpu (or cuda:K) is used as given, never waiting behind leased GPUs; trainer.device=auto on a
-    several-GPU machine does lease (build.claim_device is what clipqa.run.train holds for the whole run)."""
-    from clipqa.build import claim_device
-    from clipqa.devices import lease_folder
+    several-GPU machine does lease (build.claim_device is what clipqa.training.run.train holds for the whole run)."""
+    from clipqa.training.build import claim_device
+    from clipqa.training.gpu_leases import lease_folder
 
     monkeypatch.setenv("CLIPQA_FAKE_GPU_COUNT", "2")
     cache = str(tmp_path / "cache")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from clipqa import cli
-from clipqa.demo_data import generate
-from clipqa.download import download_datasets, extract
+from clipqa.data.demo import generate
+from clipqa.data.download import download_datasets, extract
 from clipqa.errors import ClipqaError
 
 COCOQA = "cocoqa-2015-05-17.zip"
@@ -146,7 +146,7 @@ def test_downloads_extracts_and_prints_the_overrides(server, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_downloaded_dataset_trains(server, tmp_path, cache_dir):
-    from clipqa.run import train
+    from clipqa.training.run import train
     from tests.conftest import compose_cfg
 
     data = tmp_path / "data"
@@ -162,7 +162,7 @@ def test_a_downloaded_dataset_trains(server, tmp_path, cache_dir):
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, archives, monkeypatch):
-    monkeypatch.setattr("clipqa.download.CHUNK", 1024)  # the last, partly read chunk of a cut connection is lost
+    monkeypatch.setattr("clipqa.data.download.CHUNK", 1024)  # the last, partly read chunk of a cut connection is lost
     size = len(archives["train2014.zip"])
     server.cut_first["train2014.zip"] = size // 3
     with pytest.raises(ClipqaError, match="resumes the download"):

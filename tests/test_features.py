@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipqa import cli, features
+from clipqa import cli
 from clipqa.errors import ClipqaError
-from clipqa.image_tokens import select_tokens
-from clipqa.run import train
+from clipqa.models import feature_cache as features
+from clipqa.models.image_tokens import select_tokens
+from clipqa.training.run import train
 from tests.conftest import ROOT, SMALL_DEMO, check_test_metrics, compose_cfg
 
 # A smaller demo still: the cache tests train twice or start several processes.
@@ -54,7 +55,7 @@ def test_cached_and_uncached_training_give_the_same_metrics(tmp_path, cache_dir,
 
 def _store_inputs(cache_dir, tmp_path):
     """A tiny vision tower + processor and a few image files, as the key sees them."""
-    from clipqa.pretrained import load_sources
+    from clipqa.models.backbones import load_sources
 
     tiny = sorted((Path(cache_dir) / "tiny-backbone").glob("*/vision"))
     if not tiny:  # build one through a short run
@@ -138,7 +139,7 @@ def test_an_interrupted_build_never_looks_complete_and_the_next_build_finishes(t
     store = _ensure(b, paths, folder)
     assert store.folder == folder / key and not list(folder.glob(f"{key}.tmp-*"))  # the leftover is cleaned
     with torch.no_grad():  # the stored rows are the tower's features of each image, rounded to fp16
-        from clipqa.data import load_pixels
+        from clipqa.data.cocoqa import load_pixels
 
         px = load_pixels(paths[4], b.image_processor, "error", "test")[0].unsqueeze(0)
         expected = b.vision(pixel_values=px).last_hidden_state[0].half()
@@ -176,9 +177,9 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
     """Three sweep jobs start while a build holds the lock: all wait; then one encodes and the others reuse it."""
     from filelock import FileLock
 
-    from clipqa.build import images_of, load_data
     from clipqa.config import validate
-    from clipqa.pretrained import load_backbone
+    from clipqa.models.backbones import load_backbone
+    from clipqa.training.build import images_of, load_data
 
     overrides = [*TINY_RUN, f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
     cfg = validate(compose_cfg(overrides, cache_dir))

@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from clipqa.loop import Trainer
-from clipqa.run import train
+from clipqa.training.loop import Trainer
+from clipqa.training.run import train
 from tests.conftest import SMALL_DEMO, compose_cfg
 
 DEVICE = "cuda" if torch.cuda.is_available() else os.environ.get("CLIPQA_GPU_TESTS_ON")
@@ -73,7 +73,7 @@ def test_cuda_graphs_train_the_same_model_as_eager(tmp_path, caplog):
     step; graphs were really recorded (no inductor "cudagraph skip"); its best.pt loads into a plain model."""
     from torch._dynamo.utils import counters
 
-    from clipqa.checkpoint import load_checkpoint
+    from clipqa.training.checkpoint import load_checkpoint
 
     caplog.set_level("INFO")
     eager, eager_losses = run(tmp_path, "eager", "trainer.precision=fp32", "trainer.compile=off")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from clipqa import cli
-from clipqa.checkpoint import FORMAT, load_checkpoint, read_best
 from clipqa.errors import ClipqaError
-from clipqa.run import train
+from clipqa.training.checkpoint import FORMAT, load_checkpoint, read_best
+from clipqa.training.run import train
 from tests.conftest import SMALL_DEMO, compose_cfg
 
 

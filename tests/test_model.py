@@ -5,13 +5,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from clipqa.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
-from clipqa.data import Collator
+from clipqa.data.cocoqa import Collator
 from clipqa.errors import ClipqaError
-from clipqa.freeze import apply_freeze, trainable_state
-from clipqa.model import ClipQA, MLPMapper
-from clipqa.packed_text import encode_packed
-from clipqa.pretrained import build_tiny, load_sources, n_image_tokens
+from clipqa.models.backbones import build_tiny, load_sources, n_image_tokens
+from clipqa.models.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
+from clipqa.models.freeze import apply_freeze, trainable_state
+from clipqa.models.model import ClipQA, MLPMapper
+from clipqa.models.packed_text import encode_packed
 
 TINY = OmegaConf.create(
     dict(
@@ -328,8 +328,8 @@ def test_the_model_with_cpu_kernels_swapped_in_equals_the_plain_model(backbone):
 def test_the_built_head_follows_head_readout_and_head_bias(backbone, overrides, readout, bias):
     """+paper=V1..V4 build the original's head, Linear(D, vocab, bias=False) read at the last position; the
     defaults read [CLS] with a bias; command-line keys still win over the paper config."""
-    from clipqa.build import build_model
     from clipqa.config import validate
+    from clipqa.training.build import build_model
     from tests.conftest import SMALL_DEMO, compose_cfg
 
     cfg = validate(compose_cfg([*SMALL_DEMO, *overrides]))

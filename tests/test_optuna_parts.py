@@ -8,7 +8,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from clipqa.optuna_study import TrialJob, make_storage, objective
+from clipqa.sweep.optuna_trial import TrialJob, make_storage, objective
 from hydra_plugins.clipqa_optuna_sweeper.config import SAMPLERS, PrunerConf
 from hydra_plugins.clipqa_optuna_sweeper.sweeper import (
     ClipqaOptunaSweeper,
@@ -234,7 +234,7 @@ def test_params_entries_are_replaced_by_the_command_line():
 def test_mlflow_parent_status_counts_pruned_trials_as_fine():
     from types import SimpleNamespace
 
-    from clipqa.sweep import job_counts
+    from clipqa.sweep.mlflow_parent import job_counts
 
     def run(status, **tags):
         return SimpleNamespace(info=SimpleNamespace(status=status), data=SimpleNamespace(tags=tags))

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
-from clipqa.report import (
+from clipqa.report.comparison import (
     holm,
     make_report,
     mcnemar_counts,

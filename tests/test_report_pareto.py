@@ -3,7 +3,7 @@
 import yaml
 from mlflow.tracking import MlflowClient
 
-from clipqa.report import make_report
+from clipqa.report.comparison import make_report
 
 
 def test_the_report_of_a_two_objective_study_lists_its_pareto_front(tmp_path):

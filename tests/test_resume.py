@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from clipqa.run import train
+from clipqa.training.run import train
 from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
 
 TIMING = ("train/seconds", "train/examples_per_s")

@@ -3,7 +3,8 @@
 One server for the module (tests/mlflow_server.py: ``mlflow server --app-name basic-auth --backend-store-uri
 postgresql+psycopg2://... --artifacts-destination DIR``, ``default_permission = READ``: everyone may look, only an
 experiment's owner, those given EDIT and the admin may write). Users log in with MLFLOW_TRACKING_USERNAME /
-MLFLOW_TRACKING_PASSWORD; clipqa checks the login and the permission before training (clipqa.tracking.server_errors).
+MLFLOW_TRACKING_PASSWORD; clipqa checks the login and the permission before training
+(clipqa.tracking.tracker.server_errors).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def test_no_or_a_wrong_login_stops_before_training_with_one_clear_error_quickly(
     """Catches: MLflow's HTTP retries turning a refused login into minutes of waiting, a traceback, training that
     runs and only then fails to log, or a message that does not say which server and which variables."""
     from clipqa.errors import ClipqaError
-    from clipqa.tracking import MlflowTracker
+    from clipqa.tracking.tracker import MlflowTracker
 
     args = [*SMALL_TRACKED, f"tracking.uri={team_server.url}", "tracking.experiment=alice-sweeps"]
     started = time.time()

@@ -22,7 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 from clipqa.errors import ClipqaError
-from clipqa.optuna_study import (
+from clipqa.sweep.optuna_trial import (
     Heartbeats,
     fail_stale_trials,
     make_storage,

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clipqa.errors import Preempted
-from clipqa.run import train
-from clipqa.signals import stop_on_signals
+from clipqa.training.run import train
+from clipqa.training.signals import stop_on_signals
 from tests.conftest import CONF, SMALL_DEMO, compose_cfg
 
 LAUNCHER = CONF / "hydra" / "launcher" / "slurm.yaml"

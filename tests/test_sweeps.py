@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from clipqa.config import validate
-from clipqa.schedule import resolve_phases
+from clipqa.training.schedule import resolve_phases
 from tests.conftest import CONF, ROOT, SMALL_DEMO, run_cli
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -154,7 +154,7 @@ def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs,
         rows = [line for line in md.split("\n\n")[1].splitlines() if line.startswith("| `")]
         assert len(rows) == 1 and rows[0].startswith("| `same config (seeds 1, 2, 3)` | 3 |")
     if name == "image_tokens":  # one feature cache per token choice, each with its own token count
-        from clipqa.features import FeatureStore
+        from clipqa.models.feature_cache import FeatureStore
 
         stores = [d for d in (Path(os.environ["CLIPQA_CACHE_DIR"]) / "features").iterdir() if d.is_dir()]
         assert {1, 4} <= {FeatureStore(d).shape[0] for d in stores}

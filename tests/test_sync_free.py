@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clipqa.loop import Trainer
-from clipqa.run import train
+from clipqa.training.loop import Trainer
+from clipqa.training.run import train
 
 aten = torch.ops.aten
 

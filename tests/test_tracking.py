@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
-from clipqa.run import train
-from clipqa.tracking import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
+from clipqa.tracking.tracker import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
+from clipqa.training.run import train
 from tests.conftest import ROOT, SMALL_DEMO, compose_cfg
 
 
@@ -64,7 +64,7 @@ def test_a_refused_login_or_permission_becomes_one_clear_error(monkeypatch, code
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2
 
-    from clipqa.tracking import server_errors
+    from clipqa.tracking.tracker import server_errors
 
     for name, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), login, strict=True):
         if value is None:
@@ -131,7 +131,7 @@ def test_a_run_that_raises_ends_failed_with_the_message(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path, monkeypatch):
-    import clipqa.run as T
+    import clipqa.training.run as T
 
     def interrupted(cfg):
         raise KeyboardInterrupt

@@ -72,7 +72,7 @@ def test_runs_started_together_on_a_fresh_sqlite_store_all_get_their_run(tmp_pat
     start = time.time() + 8  # after every process has imported MLflow: they reach the store together
     code = f"""
 import time
-from clipqa.tracking import MlflowTracker
+from clipqa.tracking.tracker import MlflowTracker
 while time.time() < {start}:
     time.sleep(0.002)
 MlflowTracker("sqlite:///{db}", "e", "x", {{}}).finish("FINISHED")

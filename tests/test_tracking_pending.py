@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa import cli
-from clipqa.tracking import PENDING_FILE, MlflowTracker, without_credentials
+from clipqa.tracking.tracker import PENDING_FILE, MlflowTracker, without_credentials
 
 
 def test_unwritten_mlflow_writes_are_kept_as_json_and_uploaded_by_clipqa_sync(tmp_path, monkeypatch, capsys):

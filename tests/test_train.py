@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipqa.build import keep_freed_memory
-from clipqa.checkpoint import load_checkpoint
 from clipqa.errors import ClipqaError
 from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
-from clipqa.run import train
-from clipqa.tracking import Tracker
+from clipqa.tracking.tracker import Tracker
+from clipqa.training.build import keep_freed_memory
+from clipqa.training.checkpoint import load_checkpoint
+from clipqa.training.run import train
 from tests.conftest import SMALL_DEMO, check_test_metrics, compose_cfg, run_cli
 from tests.handmade import make_cocoqa
 
@@ -44,9 +44,9 @@ def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(de
 
 
 def test_best_checkpoint_loads_without_hydra_and_reproduces_test_accuracy(demo_run):
-    from clipqa.build import make_loader
-    from clipqa.data import Collator, LabelSpace, QADataset, index_images, read_split
-    from clipqa.evaluation import evaluate
+    from clipqa.data.cocoqa import Collator, LabelSpace, QADataset, index_images, read_split
+    from clipqa.evaluation.scoring import evaluate
+    from clipqa.training.build import make_loader
 
     _, out, metrics = demo_run
     model, backbone, classes = load_checkpoint(out / "best.pt")

@@ -1,4 +1,5 @@
-"""WUPS (clipqa.wups) against values worked out by hand from WordNet 3.0's noun hierarchy, and a run without the
+"""WUPS (clipqa.evaluation.wups) against values worked out by hand from WordNet 3.0's noun hierarchy, and a run
+without the
 WordNet data (the WUPS keys are absent, one warning says how to install it)."""
 
 import logging
@@ -7,8 +8,8 @@ import os
 import pytest
 
 from clipqa import metrics as M
-from clipqa import wups as W
 from clipqa.errors import ClipqaError
+from clipqa.evaluation import wups as W
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_without_wordnet_data_the_keys_are_absent_with_one_warning(monkeypatch, 
     class Split:
         answers, types = ["cat"], [0]
 
-    with caplog.at_level(logging.WARNING, logger="clipqa.wups"):
+    with caplog.at_level(logging.WARNING, logger="clipqa.evaluation.wups"):
         assert W.split_wups(None, Split, {0: 0}, ["cat"]) == {}
         assert W.split_wups(None, Split, {0: 0}, ["cat"]) == {}
     warnings = [r.getMessage() for r in caplog.records if "WUPS" in r.getMessage()]

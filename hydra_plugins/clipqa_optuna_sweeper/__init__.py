@@ -4,7 +4,7 @@ Why not ``hydra-optuna-sweeper``: its last release (1.3.0) declares ``optuna<3``
 to 2.10), and forced onto a current Optuna it cannot prune (the trial never reaches the job) and warns that it
 breaks with Optuna 6. This one keeps its config layout (config.py) and adds pruning, resume and failure handling:
 it asks Optuna for trials, launches them through Hydra's launcher (basic, joblib, submitit), hands each job its
-trial (:mod:`clipqa.optuna_study`, through the job's environment) so the job can report and be pruned, and tells
+trial (:mod:`clipqa.sweep.optuna_trial`, through the job's environment) so the job can report and be pruned, and tells
 Optuna the outcome (COMPLETE, PRUNED or FAIL with the reason).
 
 ``hydra_plugins/`` has no ``__init__.py`` on purpose: it is a namespace package shared with installed Hydra

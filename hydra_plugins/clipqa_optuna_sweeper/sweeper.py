@@ -296,7 +296,7 @@ class ClipqaOptunaSweeper(Sweeper):
             ) from None
 
     def _pruner(self):
-        from clipqa.optuna_study import make_pruner
+        from clipqa.sweep.optuna_trial import make_pruner
 
         return make_pruner(self.pruner_cfg)
 
@@ -306,7 +306,7 @@ class ClipqaOptunaSweeper(Sweeper):
         import optuna
 
         from clipqa.errors import ClipqaError
-        from clipqa.optuna_study import open_study
+        from clipqa.sweep.optuna_trial import open_study
 
         try:
             probe = open_study(storage, self.study_name, dirs)
@@ -334,7 +334,7 @@ class ClipqaOptunaSweeper(Sweeper):
             return self._sweep(arguments)
         except SweeperError as e:
             if _is_clipqa(self.config):  # the sweep's MLflow parent run ends FAILED, with the reason
-                from clipqa.sweep import fail_sweep
+                from clipqa.sweep.mlflow_parent import fail_sweep
 
                 fail_sweep(self.config, str(e))
             raise
@@ -343,7 +343,7 @@ class ClipqaOptunaSweeper(Sweeper):
         import optuna
 
         from clipqa.errors import ClipqaError
-        from clipqa.optuna_study import (
+        from clipqa.sweep.optuna_trial import (
             STORAGE_ENV,
             TRIAL_ENV,
             Heartbeats,
@@ -414,7 +414,7 @@ class ClipqaOptunaSweeper(Sweeper):
             {k: str(v) for k, v in space.items()},
         )
         if clipqa:  # each worker's MLflow parent run names the study, so its report can cover all of the study
-            from clipqa.sweep import mark_study
+            from clipqa.sweep.mlflow_parent import mark_study
 
             mark_study(self.config, self.study_name, where)
 
@@ -483,11 +483,11 @@ class ClipqaOptunaSweeper(Sweeper):
     def _ask(self, study, storage, url: str | None, space: dict[str, Any], n_trials: int, grid: bool, beats):
         """The next trial for this worker, or None when the study has what it needs. Under the study's lock (one
         worker at a time): fail the trials of dead workers (each retried: a WAITING trial), count the trials that use
-        the budget (:func:`clipqa.optuna_study.trials_used`), then ask: a waiting trial first (a retry, or one
+        the budget (:func:`clipqa.sweep.optuna_trial.trials_used`), then ask: a waiting trial first (a retry, or one
         enqueued by hand), else a new one while fewer than ``n_trials`` are used."""
         from optuna.trial import TrialState
 
-        from clipqa.optuna_study import fail_stale_trials, study_lock, trials_used
+        from clipqa.sweep.optuna_trial import fail_stale_trials, study_lock, trials_used
 
         with study_lock(url, storage, self.study_name):
             fail_stale_trials(study)
@@ -510,7 +510,7 @@ class ClipqaOptunaSweeper(Sweeper):
         of live workers then keep running; their workers tell them). True when a retry is waiting to be run."""
         from optuna.trial import TrialState
 
-        from clipqa.optuna_study import fail_stale_trials, study_lock
+        from clipqa.sweep.optuna_trial import fail_stale_trials, study_lock
 
         if not beats.interval:
             return False
@@ -589,7 +589,7 @@ class ClipqaOptunaSweeper(Sweeper):
         """Log the summary; write optimization_results.yaml (and the Pareto plot); clipqa: tag the MLflow runs."""
         from optuna.trial import TrialState
 
-        from clipqa.optuna_study import shown_url
+        from clipqa.sweep.optuna_trial import shown_url
 
         counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
         log.info(
@@ -632,7 +632,7 @@ class ClipqaOptunaSweeper(Sweeper):
         OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)
         log.info("results: %s", sweep_dir / RESULTS_FILE)
         if clipqa and counts["complete"]:
-            from clipqa.sweep import mark_best_trial, mark_pareto_front
+            from clipqa.sweep.mlflow_parent import mark_best_trial, mark_pareto_front
 
             if len(dirs) == 1:
                 mark_best_trial(self.config, self.study_name, best.number, best.value, (names or ["value"])[0], files)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 def main(cfg: DictConfig) -> float:
     value = (cfg.x - 2) ** 2 + (cfg.y + 1) ** 2
     if cfg.report:  # any app can report to its trial; only this needs clipqa (where the sweeper lives)
-        from clipqa.optuna_study import current_trial
+        from clipqa.sweep.optuna_trial import current_trial
 
         trial = current_trial()
         if trial is not None:

@@ -16,7 +16,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clipqa.optuna_study import current_trial
+from clipqa.sweep.optuna_trial import current_trial
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="steps")

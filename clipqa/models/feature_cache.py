@@ -3,7 +3,7 @@
 A sweep trains the same architecture many times over the same images. While the vision tower is frozen its
 output for an image never changes, so decoding the JPEG and running CLIP at every step of every run (what the
 paper's script did) is wasted work. :func:`ensure_store` encodes each image once into a store that every later run
-and every sweep job reuses; ``clipqa.run`` uses it automatically when no phase trains the vision tower
+and every sweep job reuses; ``clipqa.training.run`` uses it automatically when no phase trains the vision tower
 (``features.cache=true``) and bypasses it when one does.
 
 Store layout (one folder per key under ``features.dir``, default ``<paths.cache_dir>/features``)::
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipqa.data import load_pixels, worker_context
-from clipqa.image_tokens import n_selected, select_tokens
-from clipqa.pretrained import n_image_tokens
+from clipqa.data.cocoqa import load_pixels, worker_context
+from clipqa.models.backbones import n_image_tokens
+from clipqa.models.image_tokens import n_selected, select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class FeatureDataset(Dataset):
-    """Like :class:`clipqa.data.QADataset`, with cached features instead of pixels.
+    """Like :class:`clipqa.data.cocoqa.QADataset`, with cached features instead of pixels.
 
     Items: ``{"image_features": (N, D) in the stored dtype, "question", "label", "type", "index"}``; ``None`` for a
     question whose image was unreadable under ``data.on_bad_image=skip`` (the collator drops it).

@@ -366,7 +366,8 @@ class TrialJob:
         return self.storage
 
     def pruning_callback(self):
-        """``on_validation(val_acc, step)`` for :func:`clipqa.run.train`, reporting to this trial; None when the study
+        """``on_validation(val_acc, step)`` for :func:`clipqa.training.run.train`, reporting to this trial; None when
+        the study
         is not pruned on val/acc (pruner off, a multi-objective study, or another objective)."""
         import optuna
 

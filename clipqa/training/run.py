@@ -4,8 +4,8 @@
 reads top to bottom:
 
 1. validate the config (typed boundary); skip a finished run; find a resume checkpoint; start the tracker
-2. set up: seed, device, data, backbone, labels, model, feature cache, loaders        (:mod:`clipqa.build`)
-3. train phase by phase, validating and keeping the best weights                       (:mod:`clipqa.loop`)
+2. set up: seed, device, data, backbone, labels, model, feature cache, loaders        (:mod:`clipqa.training.build`)
+3. train phase by phase, validating and keeping the best weights                       (:mod:`clipqa.training.loop`)
 4. write metrics.json, config.yaml, history.jsonl, test_predictions.tsv, curves and best.pt
 5. log the final metrics and files to the tracker and end its run FINISHED, FAILED or KILLED
 """
@@ -20,7 +20,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from clipqa import metrics as M
-from clipqa.build import (
+from clipqa.config import is_validated, validate
+from clipqa.data.cocoqa import Split
+from clipqa.errors import ClipqaError, Preempted
+from clipqa.evaluation.scoring import json_safe, write_predictions
+from clipqa.evaluation.wups import split_wups
+from clipqa.models.backbones import load_backbone
+from clipqa.report.plots import save_curves
+from clipqa.tracking.tracker import RunInfo, Tracker, make_tracker
+from clipqa.training.build import (
     build_labels,
     build_loaders,
     build_model,
@@ -32,19 +40,11 @@ from clipqa.build import (
     seed_everything,
     warn_long_questions,
 )
-from clipqa.checkpoint import latest_resume, load_init, same_run, save_best
-from clipqa.config import is_validated, validate
-from clipqa.data import Split
-from clipqa.errors import ClipqaError, Preempted
-from clipqa.evaluation import json_safe, write_predictions
-from clipqa.loop import Trainer
-from clipqa.plots import save_curves
-from clipqa.pretrained import load_backbone
-from clipqa.schedule import PARTS, resolve_phases
-from clipqa.signals import stop_on_signals
-from clipqa.tracking import RunInfo, Tracker, make_tracker
-from clipqa.train_state import TrainState
-from clipqa.wups import split_wups
+from clipqa.training.checkpoint import latest_resume, load_init, same_run, save_best
+from clipqa.training.loop import Trainer
+from clipqa.training.schedule import PARTS, resolve_phases
+from clipqa.training.signals import stop_on_signals
+from clipqa.training.state import TrainState
 
 log = logging.getLogger(__name__)
 

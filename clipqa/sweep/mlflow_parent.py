@@ -8,7 +8,7 @@ An Optuna study worked on by several sweeper processes (or resumed by later swee
 process; each parent is tagged with the study (``clipqa.optuna_study``, ``clipqa.optuna_storage``), and the report
 written at the end of each sweep covers every trial run of the study, under any of those parents: the last worker to
 finish writes the report of the whole study.
-Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking`.
+Per-run tracking (what the training loop logs) is :mod:`clipqa.tracking.tracker`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipqa.errors import ClipqaError
 from clipqa.metrics import OBJECTIVE
-from clipqa.report import make_report
-from clipqa.tracking import (
+from clipqa.report.comparison import make_report
+from clipqa.tracking.tracker import (
     NOT_VARIANT_PREFIXES,
     PARENT_FILE,
     MlflowTracker,

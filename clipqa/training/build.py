@@ -1,5 +1,6 @@
 """Set-up: explicit builders for what one run is made of (device, data, labels, model, feature cache, loaders,
-optimizer). ``clipqa.run`` calls them in order; ``clipqa.checkpoint`` rebuilds a trained model with them."""
+optimizer). ``clipqa.training.run`` calls them in order; ``clipqa.training.checkpoint`` rebuilds a trained model with
+them."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipqa.cpu_kernels import use_cpu_kernels, use_plain_linears
-from clipqa.data import (
+from clipqa.data.cocoqa import (
     Collator,
     EpochSampler,
     LabelSpace,
@@ -34,13 +34,14 @@ from clipqa.data import (
     train_val_split,
     worker_context,
 )
-from clipqa.demo_data import ensure_demo
-from clipqa.devices import lease_folder, lease_gpu, visible_gpus
+from clipqa.data.demo import ensure_demo
 from clipqa.errors import ClipqaError
-from clipqa.features import FeatureDataset, FeatureStore, ensure_store
-from clipqa.model import ClipQA
-from clipqa.pretrained import Backbone
-from clipqa.schedule import Phase
+from clipqa.models.backbones import Backbone
+from clipqa.models.cpu_kernels import use_cpu_kernels, use_plain_linears
+from clipqa.models.feature_cache import FeatureDataset, FeatureStore, ensure_store
+from clipqa.models.model import ClipQA
+from clipqa.training.gpu_leases import lease_folder, lease_gpu, visible_gpus
+from clipqa.training.schedule import Phase
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def claim_device(name: str, cache_dir: str, gpu_lease: bool, holder: str, stop=None) -> Iterator[torch.device]:
     """The run's device, held for the ``with`` block: ``auto``/``cuda`` with several GPUs visible lease one
-    (:mod:`clipqa.devices`), so concurrent jobs on one machine each train on a GPU of their own; ``cuda:K`` pins.
+    (:mod:`clipqa.training.gpu_leases`), so concurrent jobs on one machine each train on a GPU of their own;
+    ``cuda:K`` pins.
     With one GPU visible (one GPU, or SLURM's binding) there is nothing to choose: no lease, as before."""
     gpus = visible_gpus()
     if name not in ("auto", "cuda") or len(gpus) < 2 or not gpu_lease:
@@ -227,7 +229,8 @@ def feature_store(
 
 
 def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bool) -> DataLoader:
-    """``sampler``: an :class:`clipqa.data.EpochSampler` for training (seeded, resumable order) or None (in order).
+    """``sampler``: an :class:`clipqa.data.cocoqa.EpochSampler` for training (seeded, resumable order) or None (in
+    order).
 
     The loader gets its own generator so that starting an iterator never draws from the global torch RNG (which
     dropout uses): a resumed run then draws exactly the random numbers an uninterrupted one does.
@@ -322,7 +325,7 @@ def split_loader(
 
 # ---- model and optimizer ----------------------------------------------------------------------------------------
 def build_mapper(mcfg: DictConfig, in_dim: int, out_dim: int) -> nn.Module:
-    """The mapper is a swap point: ``mapper._target_`` names its class (default clipqa.model.MLPMapper)."""
+    """The mapper is a swap point: ``mapper._target_`` names its class (default clipqa.models.model.MLPMapper)."""
     try:
         return instantiate(mcfg, in_dim, out_dim)
     except Exception as e:
@@ -337,8 +340,8 @@ def build_mapper(mcfg: DictConfig, in_dim: int, out_dim: int) -> nn.Module:
 def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int, cpu_kernels: bool = True) -> ClipQA:
     """Assemble the model; the new layers (mapper, head) are initialised from the caller's seeded RNG state.
 
-    ``cpu_kernels``: swap in :mod:`clipqa.cpu_kernels`' thin-product forms (same numbers; they fall back to the
-    ordinary product on a GPU). Nothing is frozen here: :func:`clipqa.freeze.apply_freeze` decides what trains.
+    ``cpu_kernels``: swap in :mod:`clipqa.models.cpu_kernels`' thin-product forms (same numbers; they fall back to the
+    ordinary product on a GPU). Nothing is frozen here: :func:`clipqa.models.freeze.apply_freeze` decides what trains.
     """
     v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.dim
     mapper = build_mapper(cfg.mapper, v_dim, t_dim)

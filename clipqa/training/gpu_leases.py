@@ -59,7 +59,7 @@ def lease_gpu(
     """Hold the first free one of ``gpus`` (:func:`visible_gpus`) for the ``with`` block, yielding its index; wait
     while all are leased.
 
-    ``stop`` (a :class:`clipqa.signals.StopRequest`): a SIGTERM/SIGUSR2 while waiting ends the wait with
+    ``stop`` (a :class:`clipqa.training.signals.StopRequest`): a SIGTERM/SIGUSR2 while waiting ends the wait with
     :class:`Preempted`, as it would end training (nothing trained yet, so nothing to save)."""
     folder.mkdir(parents=True, exist_ok=True)
     waited_since = time.monotonic()

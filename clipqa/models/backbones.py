@@ -6,7 +6,7 @@
   trained on the training split's own text (any dataset). The key hashes the tiny config and the training text,
   so a changed dataset or size never reuses stale weights.
 - ``backbone=tiny_pretrained`` (the demo's): the same models pretrained on a world like the demo's
-  (:mod:`clipqa.tiny_pretrain`: masked-LM text, attribute-naming vision tower), with a tokenizer trained on that
+  (:mod:`clipqa.models.tiny_pretrain`: masked-LM text, attribute-naming vision tower), with a tokenizer trained on that
   corpus; independent of the run's data, so the demo and the smoke test share one build. The key hashes the tiny
   config and :data:`PRETRAIN_VERSION`.
 
@@ -40,13 +40,13 @@ from transformers import (
     DistilBertTokenizerFast,
 )
 
-from clipqa import tiny_pretrain
 from clipqa.errors import ClipqaError
+from clipqa.models import tiny_pretrain
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# Part of the pretrained preset's cache key: bump it when clipqa/tiny_pretrain.py changes what it trains, so a
+# Part of the pretrained preset's cache key: bump it when clipqa/models/tiny_pretrain.py changes what it trains, so a
 # cache never serves weights an older pretraining made.
 PRETRAIN_VERSION = 1
 

@@ -9,7 +9,8 @@
         3. test the phase's best weights on the full test split                     end_phase
 
 Everything the loop changes lives in one :class:`TrainState`. Resume (restoring a checkpoint's state), SIGTERM (a
-:class:`clipqa.signals.StopRequest`) and timing (:class:`StepTimer`) are named calls, not branches in the step loop.
+:class:`clipqa.training.signals.StopRequest`) and timing (:class:`StepTimer`) are named calls, not branches in the
+step loop.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from clipqa.build import Loaders, build_optimizer
-from clipqa.checkpoint import save_resume
 from clipqa.errors import ClipqaError, Preempted
-from clipqa.evaluation import autocast, evaluate, forward, to_device
-from clipqa.freeze import apply_freeze, trainable_state
+from clipqa.evaluation.scoring import autocast, evaluate, forward, to_device
 from clipqa.metrics import TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
-from clipqa.model import ClipQA
-from clipqa.schedule import Phase
-from clipqa.signals import StopRequest
-from clipqa.tracking import Tracker
-from clipqa.train_state import Best, FirstNonFinite, StepTimer, TrainState
+from clipqa.models.freeze import apply_freeze, trainable_state
+from clipqa.models.model import ClipQA
+from clipqa.tracking.tracker import Tracker
+from clipqa.training.build import Loaders, build_optimizer
+from clipqa.training.checkpoint import save_resume
+from clipqa.training.schedule import Phase
+from clipqa.training.signals import StopRequest
+from clipqa.training.state import Best, FirstNonFinite, StepTimer, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Trainer:
     def fit(self, state: TrainState, resumed: dict | None = None):
         """Train every phase; returns the last phase's (test metrics, test predictions, parameter counts).
 
-        ``resumed``: a resume checkpoint (:func:`clipqa.checkpoint.latest_resume`) to continue from.
+        ``resumed``: a resume checkpoint (:func:`clipqa.training.checkpoint.latest_resume`) to continue from.
         """
         if resumed is not None:
             self.restore(state, resumed)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from clipqa.model import ClipQA
+from clipqa.models.model import ClipQA
 
 log = logging.getLogger(__name__)
 

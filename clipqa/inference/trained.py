@@ -2,7 +2,7 @@
 
 A checkpoint is named by a ``best.pt`` path, a run folder, or an MLflow URI: ``runs:/<run_id>`` (the run's
 ``checkpoint/best.pt`` artifact) or ``models:/<name>/<version>`` (a registered clipqa model). Every file is loaded
-through :func:`clipqa.checkpoint.safe_load` (tensors and plain containers only).
+through :func:`clipqa.training.checkpoint.safe_load` (tensors and plain containers only).
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipqa import metrics as M
-from clipqa.build import build_labels, cached_store, load_data, pick_device, resolve_precision, split_loader
-from clipqa.checkpoint import restore_model
-from clipqa.data import LabelSpace, load_pixels
+from clipqa.data.cocoqa import LabelSpace, load_pixels
 from clipqa.errors import ClipqaError
-from clipqa.evaluation import autocast, evaluate, json_safe, write_predictions
-from clipqa.model import ClipQA
-from clipqa.pretrained import Backbone
-from clipqa.schedule import resolve_phases
-from clipqa.tracking import resolve_uri
-from clipqa.wups import split_wups
+from clipqa.evaluation.scoring import autocast, evaluate, json_safe, write_predictions
+from clipqa.evaluation.wups import split_wups
+from clipqa.models.backbones import Backbone
+from clipqa.models.model import ClipQA
+from clipqa.tracking.tracker import resolve_uri
+from clipqa.training.build import build_labels, cached_store, load_data, pick_device, resolve_precision, split_loader
+from clipqa.training.checkpoint import restore_model
+from clipqa.training.schedule import resolve_phases
 
 log = logging.getLogger(__name__)
 

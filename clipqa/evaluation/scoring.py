@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipqa import metrics as M
-from clipqa.data import Split
-from clipqa.model import ClipQA
+from clipqa.data.cocoqa import Split
+from clipqa.models.model import ClipQA
 
 
 def autocast(device: torch.device, precision: str):

@@ -35,7 +35,7 @@ def is_packable(text: nn.Module) -> bool:
 def packed_rows(question_rows: torch.Tensor, B: int, T: int, N: int) -> torch.Tensor:
     """``(n,)``: ascending flat positions, in the ``(B, T + N)`` layout of [question ; image tokens], of the real
     tokens: the questions' real tokens (``question_rows``: flat positions in the ``(B, T)`` question batch, from
-    :class:`clipqa.data.Collator`) and every image token. Sizes come from shapes the host knows: no sync."""
+    :class:`clipqa.data.cocoqa.Collator`) and every image token. Sizes come from shapes the host knows: no sync."""
     L = T + N
     q = question_rows // T * L + question_rows % T  # (n_q,): example b's token t -> b * L + t
     img = torch.arange(B, device=q.device).unsqueeze(1) * L + T + torch.arange(N, device=q.device)  # (B, N)

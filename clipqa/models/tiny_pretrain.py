@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPImageProcessor, CLIPVisionModel, DistilBertForMaskedLM
 
-from clipqa import demo_data as world
+from clipqa.data import demo as world
 
 log = logging.getLogger(__name__)
 

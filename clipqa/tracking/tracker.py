@@ -4,7 +4,7 @@
 - Default store: ``sqlite:///<project folder>/mlflow.db`` (absolute, so every run of every sweep lands in one store
   whatever the working directory), artifacts in ``<project folder>/mlartifacts``. ``tracking.uri`` and
   ``tracking.experiment`` point at any tracking server; ``tracking=none`` turns tracking off.
-- A Hydra multirun gets a parent run (:class:`clipqa.sweep.MlflowSweepCallback`, registered in
+- A Hydra multirun gets a parent run (:class:`clipqa.sweep.mlflow_parent.MlflowSweepCallback`, registered in
   ``conf/config.yaml``) created in the launching process before any job starts (which also initialises a fresh
   SQLite store once: two processes creating it at once fail in MLflow 3.17). Jobs, also in other processes (joblib
   launcher), find it through a small file in the sweep folder and nest under it (``mlflow.parentRunId``).
@@ -324,7 +324,8 @@ class MlflowTracker(Tracker):
         self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_model(self, checkpoint: Path, example: dict, register_as: str | None, backbone_dirs: dict) -> None:
-        """The trained model as an MLflow pyfunc model named ``model`` (:mod:`clipqa.pyfunc`), listed under the
+        """The trained model as an MLflow pyfunc model named ``model`` (:mod:`clipqa.inference.pyfunc`), listed under
+        the
         run's *Models*, optionally registered. ``example``: one input row (image bytes + question) for the UI and
         MLflow's check that the logged model loads and answers. A failure is a warning, as for every write."""
         import mlflow
@@ -348,7 +349,9 @@ class MlflowTracker(Tracker):
             with _ctrl_c_after(), mlflow.start_run(run_id=self.run_id):
                 mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=str(Path(__file__).with_name("pyfunc.py")),  # a model from code: nothing pickled
+                    python_model=str(
+                        Path(__file__).parents[1] / "inference" / "pyfunc.py"
+                    ),  # a model from code: nothing pickled
                     artifacts={"checkpoint": str(checkpoint), **backbone_dirs},
                     signature=signature,
                     input_example=pd.DataFrame([example]),

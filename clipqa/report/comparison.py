@@ -8,7 +8,7 @@
 One row per *variant*: the config values that differ between the selected runs, ignoring ``trainer.seed`` and
 output locations. Runs of one variant that differ only by seed are aggregated (mean +- sd, n) with a t-interval;
 a single run gets a Wilson 95% interval over the test questions it answered (``data/n_test_evaluated``). Beside
-accuracy: WUPS@0.9 and WUPS@0.0, overall and per question type (when the runs computed them, clipqa.wups).
+accuracy: WUPS@0.9 and WUPS@0.0, overall and per question type (when the runs computed them, clipqa.evaluation.wups).
 
 Which differences are real: every variant answers the same test questions, so each row is compared *paired* with
 a baseline row (the paper's V1 when the runs are the paper's versions, else ``--baseline RUN_ID``'s row, else the
@@ -40,7 +40,7 @@ from clipqa.metrics import (
     wups_key,
     wups_label,
 )
-from clipqa.tracking import NOT_VARIANT_PREFIXES, resolve_uri
+from clipqa.tracking.tracker import NOT_VARIANT_PREFIXES, resolve_uri
 
 # CLIQQA (Abbo), Table 1: accuracy on 80 test questions (10 shuffled batches of 8).
 PAPER = {"V1": 0.288, "V2": 0.513, "V3": 0.550, "V4": 0.625}
@@ -48,7 +48,7 @@ NOT_VARIANT = ("trainer.seed", "params/")  # seeds are aggregated; parameter cou
 # t_{0.975, df} for 95% intervals of a mean over few seeds
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 ALPHA = 0.05  # significance level of the Holm-corrected comparisons
-PREDICTIONS = "test_predictions.tsv"  # the per-question artifact every run logs (clipqa.run)
+PREDICTIONS = "test_predictions.tsv"  # the per-question artifact every run logs (clipqa.training.run)
 WUPS_KEYS = [wups_key(th) for th in WUPS_THRESHOLDS]
 
 
@@ -457,7 +457,7 @@ def make_report(
     or ``baseline_run_id`` is not one of the runs."""
     from mlflow.tracking import MlflowClient
 
-    from clipqa.plots import comparison_chart, learning_curves_chart
+    from clipqa.report.plots import comparison_chart, learning_curves_chart
 
     uri = resolve_uri(uri)
     client = MlflowClient(tracking_uri=uri)

@@ -4,12 +4,12 @@
 parts are re-loaded from ``vision_source``/``text_source`` with ``from_pretrained``), the answer classes and the
 run's metrics. Rebuild the model without Hydra::
 
-    from clipqa.checkpoint import load_checkpoint
+    from clipqa.training.checkpoint import load_checkpoint
     model, backbone, classes = load_checkpoint("outputs/.../best.pt")
 
 A resume checkpoint (``<run folder>/checkpoints/step_<N>.pt``, written atomically: temp file, then rename; the last
 ``trainer.keep_checkpoints`` are kept) holds everything the loop needs to continue as if it had never stopped
-(:meth:`clipqa.loop.Trainer.resume_state`): weights of every part that trains, optimizer and grad-scaler state,
+(:meth:`clipqa.training.loop.Trainer.resume_state`): weights of every part that trains, optimizer and grad-scaler state,
 the torch RNG state, the data position (phase, epoch, batches done), step counters, the phase's best weights, the
 history, earlier phases' test metrics, and the MLflow run id (a resumed run continues the same MLflow run).
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from clipqa.build import build_model
 from clipqa.errors import ClipqaError
-from clipqa.freeze import PARTS, apply_freeze
-from clipqa.model import ClipQA
-from clipqa.pretrained import Backbone, load_sources
-from clipqa.schedule import resolve_phases
+from clipqa.models.backbones import Backbone, load_sources
+from clipqa.models.freeze import PARTS, apply_freeze
+from clipqa.models.model import ClipQA
+from clipqa.training.build import build_model
+from clipqa.training.schedule import resolve_phases
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ import pandas as pd
 
 class ClipqaModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from clipqa.inference import load_trained
+        from clipqa.inference.trained import load_trained
 
         a = context.artifacts
         sources = (a["vision"], a["text"]) if "vision" in a and "text" in a else None
         self.trained = load_trained(Path(a["checkpoint"]), "auto", sources)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from clipqa.inference import answer
+        from clipqa.inference.trained import answer
 
         items = []
         for row in model_input.to_dict("records"):

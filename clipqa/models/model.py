@@ -9,7 +9,8 @@ image token i gets position ``backbone.image_position_offset + i`` (default 64, 
 63-token question slot). Because image positions do not depend on how long the padded question batch is,
 dynamic padding never changes what the model computes for a question.
 
-The model is assembled by :func:`clipqa.build.build_model`; what trains is decided by :mod:`clipqa.freeze`.
+The model is assembled by :func:`clipqa.training.build.build_model`; what trains is decided by
+:mod:`clipqa.models.freeze`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 from clipqa.errors import ClipqaError
-from clipqa.image_tokens import select_tokens
-from clipqa.packed_text import encode_packed, is_packable, packed_rows
+from clipqa.models.image_tokens import select_tokens
+from clipqa.models.packed_text import encode_packed, is_packable, packed_rows
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -68,7 +69,7 @@ class ClipQA(nn.Module):
 
     Inputs: ``input_ids``/``attention_mask (B, T)`` from the tokenizer (with [CLS] ... [SEP], dynamically padded)
     and either ``pixel_values (B, 3, H, W)`` from the CLIP image processor or ``image_features (B, N, D_vision)``
-    read from the feature cache (:mod:`clipqa.features`; the selected tokens of a frozen tower).
+    read from the feature cache (:mod:`clipqa.models.feature_cache`; the selected tokens of a frozen tower).
 
     While the vision tower is frozen its features are computed in fp32 and rounded to ``feature_dtype`` (what the
     cache stores), so a run gives the same results with or without the cache.
@@ -92,10 +93,12 @@ class ClipQA(nn.Module):
         self.readout = readout
         self.image_tokens = image_tokens
         self.feature_dtype = feature_dtype
-        self.lean_text = True  # clipqa.packed_text for a DistilBERT; False: its own forward (padding, all positions)
+        self.lean_text = (
+            True  # clipqa.models.packed_text for a DistilBERT; False: its own forward (padding, all positions)
+        )
         self.compiled_text = None  # trainer.compile: encode_packed compiled (dynamic shapes, packed tokens)
         self.graphed_text = None  # trainer.compile with CUDA graphs: encode_packed compiled for training's fixed shapes
-        self.frozen: set[str] = set()  # set by clipqa.freeze.apply_freeze
+        self.frozen: set[str] = set()  # set by clipqa.models.freeze.apply_freeze
 
     def train(self, mode: bool = True) -> ClipQA:
         super().train(mode)
@@ -109,7 +112,8 @@ class ClipQA(nn.Module):
         if "vision" not in self.frozen:
             hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + P, D)
             return select_tokens(hidden, *self.image_tokens)
-        # Frozen: exactly what clipqa.features stores (fp32, no autocast, no graph), rounded to the stored dtype.
+        # Frozen: exactly what clipqa.models.feature_cache stores (fp32, no autocast, no graph), rounded to the stored
+        # dtype.
         with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
             hidden = self.vision(pixel_values=pixel_values.float()).last_hidden_state  # (B, 1 + P, D)
             return select_tokens(hidden, *self.image_tokens).to(self.feature_dtype)
@@ -149,7 +153,7 @@ class ClipQA(nn.Module):
         return self.head(pooled)  # (B, n_classes): the head sees only the readout position
 
     def compile_text(self, mode: str, static: bool) -> None:
-        """``trainer.compile``: torch.compile the lean text path (:func:`clipqa.packed_text.encode_packed`).
+        """``trainer.compile``: torch.compile the lean text path (:func:`clipqa.models.packed_text.encode_packed`).
 
         ``static`` (CUDA graphs, ``mode="reduce-overhead"``): training steps run the padded layout, whose shapes are
         fixed by the loader's few bucket lengths, so each shape's graph is recorded once and replayed (one launch
