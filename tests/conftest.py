@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: offline mode, one cache folder per test session, config composition, `python
-train.py` as a subprocess, and the check that a run's test metrics are the numbers its files imply."""
+"""The tests' fixtures: offline mode, one cache folder per test session, a small demo config, a real SLURM cluster and a
+real PostgreSQL server. Helpers (config composition, `python train.py` as a subprocess, metric checks) are in
+tests/helpers/."""
 
 import os
 
@@ -8,24 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-import math  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-# A small, fast demo (conf/experiment/smoke.yaml): 1000 train / 200 test questions, tiny models, 2 epochs,
-# no DataLoader workers, no tracking.
-SMALL_DEMO = ["experiment=smoke"]
+from tests.helpers.runs import SMALL_DEMO, compose_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,7 +27,7 @@ def cache_dir(tmp_path_factory) -> Path:
     Tiny backbones already built in the user's cache (``$CLIPQA_CACHE_DIR`` or ``~/.cache/clipqa``: by the demo, or
     by ``.ci/run``'s smoke run) are copied in, so a session does not pay the pretrained preset's ~40 s build again.
     Safe to share: each is a finished build (written to a temp folder, then renamed) under a key that hashes its
-    config and the pretraining code's version. ``tests/test_demo_backbone.py`` builds its own, from nothing.
+    config and the pretraining code's version. ``tests/models/test_tiny_pretrain.py`` builds its own, from nothing.
     """
     d = tmp_path_factory.mktemp("clipqa-cache")
     user_cache = Path(os.environ.get("CLIPQA_CACHE_DIR") or "~/.cache/clipqa").expanduser() / "tiny-backbone"
@@ -50,16 +40,6 @@ def cache_dir(tmp_path_factory) -> Path:
     return d
 
 
-def compose_cfg(overrides: list[str], cache: Path | None = None) -> DictConfig:
-    """Compose conf/config.yaml with overrides, as `python train.py ...` would (without running Hydra's job)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    if cache is not None:
-        with open_dict(cfg):
-            cfg.paths.cache_dir = str(cache)
-    return cfg
-
-
 @pytest.fixture
 def small_demo_cfg(cache_dir):
     def make(*extra: str) -> DictConfig:
@@ -68,94 +48,13 @@ def small_demo_cfg(cache_dir):
     return make
 
 
-def run_cli(*args: str, cwd=None, timeout=600, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as a user runs it (offline, Hydra's short error messages), output captured.
-    ``env``: variables to add to (or, with None values, remove from) the environment."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-# COCO-QA's question types (types.txt codes), spelt out here rather than taken from clipqa.metrics.TYPE_NAMES.
-COCOQA_TYPES = {0: "object", 1: "number", 2: "color", 3: "location"}
-
-
-def _same(value, expected: float) -> bool:
-    """metrics.json's number (null for NaN: a type without questions) equals the one counted by the test."""
-    if math.isnan(expected):
-        return value is None or math.isnan(value)
-    return value is not None and math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def check_test_metrics(run_dir: Path) -> None:
-    """The run's test numbers in metrics.json are the ones its files imply, counted here independently:
-
-    - each row of test_predictions.tsv is the test question in that place of the split files, with the type name
-      of its types.txt code, and `correct` says whether prediction == answer;
-    - test/acc is the fraction of correct rows, test/acc/<type> that fraction within each type, and so test/acc
-      is the count-weighted mean of the four per-type accuracies;
-    - test/prior_acc[/<type>] is the accuracy of answering each type's most frequent training answer (ties
-      alphabetically), counted from the training questions left after the validation split.
-    """
-    from clipqa.data.cocoqa import read_split, train_val_split
-    from clipqa.data.demo import ensure_demo
-
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    if cfg.data.synthetic is not None:
-        s = cfg.data.synthetic
-        root = ensure_demo(cfg.paths.cache_dir, s.n_train, s.n_test, s.seed, s.image_size)  # the run's, existing
-    else:
-        root = Path(cfg.data.root)
-    test = read_split(root, "test")
-    header, *lines = (run_dir / "test_predictions.tsv").read_text().splitlines()
-    assert header.split("\t") == ["image_id", "type", "question", "answer", "prediction", "correct"]
-    rows = [line.split("\t") for line in lines]
-    assert len(rows) == len(test) == metrics["data/n_test_evaluated"]
-    expected = [
-        [str(i), COCOQA_TYPES[t], q, a]
-        for i, t, q, a in zip(test.image_ids, test.types, test.questions, test.answers, strict=True)
-    ]
-    assert [r[:4] for r in rows] == expected, "test_predictions.tsv rows are not the test split's questions"
-    assert all(r[5] == str(int(r[3] == r[4])) for r in rows), "a row's `correct` disagrees with its prediction"
-
-    correct = [r[5] == "1" for r in rows]
-    assert _same(metrics["test/acc"], sum(correct) / len(rows)), (metrics["test/acc"], sum(correct) / len(rows))
-    counts = Counter(r[1] for r in rows)
-    for name in COCOQA_TYPES.values():
-        hits = [c for c, r in zip(correct, rows, strict=True) if r[1] == name]
-        acc = sum(hits) / len(hits) if hits else float("nan")
-        assert _same(metrics[f"test/acc/{name}"], acc), (f"test/acc/{name}", metrics[f"test/acc/{name}"], acc)
-    weighted = sum(counts[n] * metrics[f"test/acc/{n}"] for n in COCOQA_TYPES.values() if counts[n]) / len(rows)
-    assert _same(metrics["test/acc"], weighted), ("count-weighted mean of test/acc/<type>", weighted)
-
-    train, _ = train_val_split(read_split(root, "train"), cfg.data.val_fraction, cfg.data.split_seed)
-    assert len(train) == metrics["data/n_train"] + metrics["data/n_train_dropped"]
-    by_type: dict[int, Counter] = {}
-    for answer, t in zip(train.answers, train.types, strict=True):
-        by_type.setdefault(t, Counter())[answer] += 1
-    prior = {t: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for t, c in by_type.items()}
-    prior_hits = [prior.get(t) == a for t, a in zip(test.types, test.answers, strict=True)]
-    assert _same(metrics["test/prior_acc"], sum(prior_hits) / len(test)), ("test/prior_acc", prior)
-    for code, name in COCOQA_TYPES.items():
-        hits = [h for h, t in zip(prior_hits, test.types, strict=True) if t == code]
-        acc = sum(hits) / len(hits) if hits else float("nan")
-        assert _same(metrics[f"test/prior_acc/{name}"], acc), (f"test/prior_acc/{name}", acc)
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A real one-node SLURM cluster for the session's SLURM tests (tests/slurm_cluster.py: its own slurm.conf via
+    """A real one-node SLURM cluster for the session's SLURM tests (tests/helpers/slurm_cluster.py: its own slurm.conf
+    via
     SLURM_CONF, ports, state and logs in a temp folder; munged started if not running). Skipped, with the reason,
     where SLURM is not installed; an error instead where CLIPQA_REQUIRE_SLURM=1 (.ci/run sets it)."""
-    from tests.slurm_cluster import PACKAGES, missing_programs, start_cluster
+    from tests.helpers.slurm_cluster import PACKAGES, missing_programs, start_cluster
 
     if missing := missing_programs():
         reason = f"SLURM is not installed ({', '.join(missing)} missing): apt-get install {PACKAGES}"
@@ -169,11 +68,12 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A real PostgreSQL server for the session's shared-services tests (tests/postgres.py: initdb + pg_ctl in a temp
+    """A real PostgreSQL server for the session's shared-services tests (tests/helpers/postgres.py: initdb + pg_ctl in
+    a temp
     folder, 127.0.0.1 and a port of its own, a password-protected superuser). ``postgres.create_database(name)``
     returns a SQLAlchemy URL. Skipped where PostgreSQL is not installed; an error instead where
     CLIPQA_REQUIRE_POSTGRES=1 (.ci/run sets it)."""
-    from tests.postgres import PACKAGE, bin_dir, start_postgres
+    from tests.helpers.postgres import PACKAGE, bin_dir, start_postgres
 
     if bin_dir() is None:
         reason = f"PostgreSQL is not installed: apt-get install {PACKAGE}"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import SMALL_DEMO, run_cli
+from tests.helpers.runs import SMALL_DEMO, run_cli
 
 
 @pytest.mark.parametrize(

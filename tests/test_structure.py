@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 # Floor of each package (and of the top-level modules). A new package or top-level module must be placed here.
 FLOORS = {
