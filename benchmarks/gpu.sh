@@ -57,7 +57,7 @@ info = {'device': torch.cuda.get_device_name() if gpu else platform.processor() 
         'nvidia_smi': smi}
 open('$out/env.json', 'w').write(json.dumps(info, indent=1))
 print({k: v for k, v in info.items() if k != 'nvidia_smi'})"
-part pytest-gpu "${limits[1]}" python -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider \
+part pytest-gpu "${limits[1]}" python -m pytest -m gpu tests/training/test_gpu.py -q -rs -p no:cacheprovider \
   --junitxml="$out/pytest-gpu.xml"
 part throughput "${limits[2]}" python benchmarks/throughput.py --device "$device" "${tp_args[@]}" \
   --out "$out/throughput.json"

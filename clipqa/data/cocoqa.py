@@ -269,7 +269,7 @@ class Collator:
 
     ``buckets`` (``trainer.length_buckets``, used under CUDA graphs): T is rounded up to the first bucket length
     that holds the batch's longest question, so training sees a few fixed shapes, each recorded as a graph once.
-    Padding never changes the answer (tests/test_model.py). ``pin_memory``: images or features are stacked
+    Padding never changes the answer (tests/models/test_model.py). ``pin_memory``: images or features are stacked
     straight into page-locked memory, from which the copy to the GPU runs asynchronously (``non_blocking``).
     """
 

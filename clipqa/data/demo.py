@@ -135,7 +135,7 @@ def question(qtype: int, shape: str, color: str, count: int, place: str, rng: ra
     return q, place
 
 
-_question = question  # the name tests/handmade.py imports
+_question = question  # the name tests/helpers/handmade.py imports
 
 
 def caption(shape: str, color: str, count: int, place: str, rng: random.Random) -> str:

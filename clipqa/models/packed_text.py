@@ -16,7 +16,7 @@ memory-efficient SDPA kernels take (a boolean mask is what the CPU kernel turns 
 
 Why hand-written: transformers' DistilBERT has no packed (variable-length) path for ``inputs_embeds`` and always
 computes every position of its last layer. The equivalence is tested against DistilBERT's own forward
-(values and gradients, tests/test_model.py).
+(values and gradients, tests/models/test_model.py).
 """
 
 from __future__ import annotations

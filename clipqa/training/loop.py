@@ -152,7 +152,8 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor], phase: Phase, state: TrainState) -> torch.Tensor:
         """One optimizer step; returns the loss (still on the device).
 
-        Nothing here makes the host wait for the GPU (tests/test_sync_free.py): the next step's kernels are queued
+        Nothing here makes the host wait for the GPU (tests/training/test_sync_free.py): the next step's kernels are
+        queued
         while this one runs. A non-finite loss is noted on the device and raised at the next read (logging,
         validation, checkpoint), naming the step where it happened.
         """
