@@ -32,11 +32,11 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
             with open_dict(cfg):
                 cfg.optuna = {"trial": trial.number, "study_name": trial.study_name}
         cfg = validate(cfg)  # bad config values fail here, before torch/transformers load the models
-        from clipqa.tracking.tracker import hydra_run_info
+        from clipqa.tracking.run_info import hydra_run_info
         from clipqa.training.run import train
 
         info = hydra_run_info()
-        if trial is not None:  # clipqa.tracking.tracker.run_name reads the trial number from the overrides
+        if trial is not None:  # clipqa.tracking.run_info.run_name reads the trial number from the overrides
             info.overrides.append(f"+optuna.trial={trial.number}")
         on_validation = trial.pruning_callback() if trial else None  # val/acc to the trial, so it can prune
         metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)

@@ -79,7 +79,9 @@ def cache(argv: list[str] | None = None) -> None:
 def report(argv: list[str] | None = None) -> None:
     """``clipqa-report``: the comparison report (report.md, report.csv, charts) from MLflow runs."""
     from clipqa.report.comparison import make_report
-    from clipqa.tracking.tracker import PARENT_FILE, fail_fast_http, read_parent, resolve_uri, server_errors
+    from clipqa.tracking.preflight import fail_fast_http, server_errors
+    from clipqa.tracking.run_info import PARENT_FILE, read_parent
+    from clipqa.tracking.uris import resolve_uri
 
     p = argparse.ArgumentParser(
         prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
@@ -123,8 +125,8 @@ def report(argv: list[str] | None = None) -> None:
 
 def sync(argv: list[str] | None = None) -> None:
     """``clipqa-sync RUN_FOLDER``: upload the MLflow writes a run could not make while the server was away."""
-    from clipqa.tracking.tracker import PENDING_FILE
-    from clipqa.tracking.tracker import sync as upload
+    from clipqa.tracking.pending import PENDING_FILE
+    from clipqa.tracking.pending import sync as upload
 
     p = argparse.ArgumentParser(prog="clipqa-sync", description=sync.__doc__.split(": ", 1)[1])
     p.add_argument("run_folder", help=f"the run's output folder (holds {PENDING_FILE})")

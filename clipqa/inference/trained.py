@@ -24,7 +24,7 @@ from clipqa.evaluation.scoring import autocast, evaluate, json_safe, write_predi
 from clipqa.evaluation.wups import split_wups
 from clipqa.models.backbones import Backbone
 from clipqa.models.model import ClipQA
-from clipqa.tracking.tracker import resolve_uri
+from clipqa.tracking.uris import resolve_uri
 from clipqa.training.build import build_labels, cached_store, load_data, pick_device, resolve_precision, split_loader
 from clipqa.training.checkpoint import restore_model
 from clipqa.training.schedule import resolve_phases

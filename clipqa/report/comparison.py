@@ -40,7 +40,8 @@ from clipqa.metrics import (
     wups_key,
     wups_label,
 )
-from clipqa.tracking.tracker import NOT_VARIANT_PREFIXES, resolve_uri
+from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES
+from clipqa.tracking.uris import resolve_uri
 
 # CLIQQA (Abbo), Table 1: accuracy on 80 test questions (10 shuffled batches of 8).
 PAPER = {"V1": 0.288, "V2": 0.513, "V3": 0.550, "V4": 0.625}

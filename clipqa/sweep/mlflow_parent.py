@@ -27,16 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from clipqa.errors import ClipqaError
 from clipqa.metrics import OBJECTIVE
 from clipqa.report.comparison import make_report
-from clipqa.tracking.tracker import (
-    NOT_VARIANT_PREFIXES,
-    PARENT_FILE,
-    MlflowTracker,
-    git_commit,
-    override_key,
-    read_parent,
-    resolve_uri,
-    server_errors,
-)
+from clipqa.tracking.preflight import server_errors
+from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES, PARENT_FILE, git_commit, override_key, read_parent
+from clipqa.tracking.tracker import MlflowTracker
+from clipqa.tracking.uris import resolve_uri
 
 log = logging.getLogger(__name__)
 

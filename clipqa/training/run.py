@@ -27,7 +27,8 @@ from clipqa.evaluation.scoring import json_safe, write_predictions
 from clipqa.evaluation.wups import split_wups
 from clipqa.models.backbones import load_backbone
 from clipqa.report.plots import save_curves
-from clipqa.tracking.tracker import RunInfo, Tracker, make_tracker
+from clipqa.tracking.run_info import RunInfo
+from clipqa.tracking.tracker import Tracker, make_tracker
 from clipqa.training.build import (
     build_labels,
     build_loaders,

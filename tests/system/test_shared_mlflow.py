@@ -4,7 +4,7 @@ One server for the module (tests/helpers/mlflow_server.py: ``mlflow server --app
 postgresql+psycopg2://... --artifacts-destination DIR``, ``default_permission = READ``: everyone may look, only an
 experiment's owner, those given EDIT and the admin may write). Users log in with MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD; clipqa checks the login and the permission before training
-(clipqa.tracking.tracker.server_errors).
+(clipqa.tracking.preflight.server_errors).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa import cli
-from clipqa.tracking.tracker import PENDING_FILE, MlflowTracker, without_credentials
+from clipqa.tracking.pending import PENDING_FILE
+from clipqa.tracking.tracker import MlflowTracker
+from clipqa.tracking.uris import without_credentials
 
 
 def test_unwritten_mlflow_writes_are_kept_as_json_and_uploaded_by_clipqa_sync(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
-from clipqa.tracking.tracker import MlflowTracker, RunInfo, flatten, resolve_uri, run_name
+from clipqa.tracking.run_info import RunInfo, run_name
+from clipqa.tracking.tracker import MlflowTracker, flatten
+from clipqa.tracking.uris import resolve_uri
 from clipqa.training.run import train
 from tests.helpers.runs import ROOT, SMALL_DEMO, compose_cfg
 
@@ -65,7 +67,7 @@ def test_a_refused_login_or_permission_becomes_one_clear_error(monkeypatch, code
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2
 
-    from clipqa.tracking.tracker import server_errors
+    from clipqa.tracking.preflight import server_errors
 
     for name, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), login, strict=True):
         if value is None:
