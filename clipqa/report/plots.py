@@ -51,7 +51,7 @@ def save_curves(history: list[dict], out_dir: Path) -> list[Path]:
 
 def comparison_chart(rows: list[dict], path: Path) -> None:
     """Grouped bars per variant: test accuracy (with its 95% interval) and per-type accuracy; when the rows were
-    compared with a baseline (clipqa.report.comparison.compare), a second panel with each row's accuracy difference
+    compared with a baseline (clipqa.report.paired.compare), a second panel with each row's accuracy difference
     from it and
     the difference's 95% interval (filled markers: significant after Holm's correction)."""
     import numpy as np

@@ -10,16 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
-from clipqa.report.comparison import (
-    holm,
-    make_report,
-    mcnemar_counts,
-    mcnemar_exact,
-    paired_difference,
-    read_correctness,
-    t_two_sided_p,
-    wilson,
-)
+from clipqa.report.comparison import make_report
+from clipqa.report.paired import mcnemar_counts, read_correctness
+from clipqa.report.statistics import holm, mcnemar_exact, paired_difference, t_two_sided_p, wilson
 
 TYPES = ["object", "number", "color", "location"]
 
