@@ -162,7 +162,7 @@ def test_a_downloaded_dataset_trains(server, tmp_path, cache_dir):
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, archives, monkeypatch):
-    monkeypatch.setattr("clipqa.data.download.CHUNK", 1024)  # the last, partly read chunk of a cut connection is lost
+    monkeypatch.setattr("clipqa.data.fetch.CHUNK", 1024)  # the last, partly read chunk of a cut connection is lost
     size = len(archives["train2014.zip"])
     server.cut_first["train2014.zip"] = size // 3
     with pytest.raises(ClipqaError, match="resumes the download"):
