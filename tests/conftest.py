@@ -1,6 +1,6 @@
-"""The tests' fixtures: offline mode, one cache folder per test session, a small demo config, a real SLURM cluster and a
-real PostgreSQL server. Helpers (config composition, `python train.py` as a subprocess, metric checks) are in
-tests/helpers/."""
+"""The tests' fixtures: offline mode, one cache folder per test session, a small demo config, one short demo run
+shared by the session, a real SLURM cluster and a real PostgreSQL server. Helpers (config composition, `python
+train.py` as a subprocess, metric checks) are in tests/helpers/."""
 
 import os
 
@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from tests.helpers.runs import SMALL_DEMO, compose_cfg  # noqa: E402
+from tests.helpers.runs import SMALL_DEMO, SMALL_DEMO_RUN, compose_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,6 +46,19 @@ def small_demo_cfg(cache_dir):
         return compose_cfg([*SMALL_DEMO, *extra], cache_dir)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, cache_dir) -> tuple[DictConfig, Path, dict]:
+    """One short demo run (SMALL_DEMO_RUN: 4 epochs x 29 steps, about 20 s on 2 cores) for the whole session:
+    (its config, its run folder, the metrics train() returned). Shared by the tests of the files a run leaves
+    (tests/training/test_run.py), of its best.pt (tests/training/test_checkpoint.py) and of the tools that use a
+    trained model (tests/inference/test_trained.py). Read it, never write into its folder."""
+    from clipqa.training.run import train
+
+    out = tmp_path_factory.mktemp("demo-run")
+    cfg = compose_cfg(SMALL_DEMO_RUN, cache_dir)
+    return cfg, out, train(cfg, out)
 
 
 @pytest.fixture(scope="session")

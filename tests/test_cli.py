@@ -1,10 +1,11 @@
-"""`python train.py ...` as a user runs it: bad input ends with one clear paragraph and exit status 2."""
+"""`python train.py ...` as a user runs it: bad input ends with one clear paragraph and exit status 2; runs from
+another directory and the README's demo (slow) leave their run files."""
 
 import json
 
 import pytest
 
-from tests.helpers.runs import SMALL_DEMO, run_cli
+from tests.helpers.runs import SMALL_DEMO, check_test_metrics, run_cli
 
 
 @pytest.mark.parametrize(
@@ -40,3 +41,15 @@ def test_train_py_runs_from_another_directory_and_leaves_the_run_files(tmp_path,
     assert metrics["steps"] == 3
     for f in (".hydra/config.yaml", ".hydra/overrides.yaml", "best.pt", "config.yaml"):
         assert (tmp_path / "run" / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_the_readme_demo_beats_the_answer_prior_by_a_quarter(tmp_path, monkeypatch):
+    """`python train.py experiment=demo` from an empty cache (data generation included), as in the README."""
+    monkeypatch.setenv("CLIPQA_CACHE_DIR", str(tmp_path / "cache"))
+    r = run_cli("experiment=demo", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test/acc"] >= m["test/prior_acc"] + 0.25, m
+    assert m["data/n_test"] == 1000
+    check_test_metrics(tmp_path / "run")

@@ -1,5 +1,7 @@
-"""The COCO-QA reader, image lookup, splits, labels, batching, and the errors users see for bad data."""
+"""The COCO-QA reader, image lookup, splits, labels, batching, and the errors users see for bad data; short training
+runs on a hand-made folder in the real COCO-QA and COCO layout."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ from clipqa.data.cocoqa import (
 )
 from clipqa.errors import ClipqaError
 from clipqa.models.backbones import train_wordpiece
+from clipqa.training.run import train
 from tests.helpers.handmade import make_cocoqa
+from tests.helpers.runs import INTERFACE_KEYS, compose_cfg
 
 
 @pytest.fixture
@@ -155,6 +159,56 @@ def test_vocab_labels_need_exactly_one_known_wordpiece_and_answers_head_keeps_tr
     answers = LabelSpace.build("answers", tok, ["ab", "z", "ab"])
     assert answers.classes == ["ab", "z"]
     assert answers.labels(["z", "unseen"]) == [1, -1]
+
+
+def test_trains_on_a_hand_made_folder_in_the_real_cocoqa_and_coco_layout(tmp_path, cache_dir):
+    data_root, image_root = make_cocoqa(tmp_path, n_train_images=40, n_test_images=12)
+    cfg = compose_cfg(
+        [
+            f"data.root={data_root}",
+            f"data.image_root={image_root}",
+            "backbone=tiny",
+            "backbone.tiny.image_size=32",
+            "mapper.hidden_dim=32",
+            "head=answers",
+            "head.readout=last",
+            "trainer.batch_size=16",
+            "trainer.epochs=1",
+            "trainer.num_workers=1",
+            "optimizer=adamw",
+            "optimizer.lr=1e-3",
+        ],
+        cache_dir,
+    )
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["data/n_test"] == 24 and metrics["data/n_train"] + metrics["data/n_val"] == 80
+    assert metrics["params/frozen/text"] > 0 and metrics["params/trainable/text"] == 0  # freeze=text default
+    assert set(INTERFACE_KEYS) <= set(json.loads((tmp_path / "run" / "metrics.json").read_text()))
+
+
+def test_vocab_head_drops_and_counts_multi_wordpiece_training_answers(tmp_path, cache_dir, caplog):
+    data_root, image_root = make_cocoqa(tmp_path, n_train_images=20, n_test_images=4)
+    answers = data_root / "train" / "answers.txt"
+    lines = answers.read_text().splitlines()
+    lines[:3] = ["xylophonequartz"] * 3  # too rare for the tiny WordPiece vocabulary to hold as one piece
+    answers.write_text("\n".join(lines) + "\n")
+    cfg = compose_cfg(
+        [
+            f"data.root={data_root}",
+            f"data.image_root={image_root}",
+            "backbone=tiny",
+            "backbone.tiny.image_size=32",
+            "backbone.tiny.vocab_size=120",
+            "trainer.max_steps=2",
+            "trainer.num_workers=0",
+            "data.val_fraction=0.05",
+            "trainer.save_checkpoint=false",
+        ],
+        cache_dir,
+    )
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["data/n_train_dropped"] >= 1
+    assert "not one wordpiece" in caplog.text
 
 
 def _processor():

@@ -13,12 +13,19 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from clipqa.metrics import TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 # A small, fast demo (conf/experiment/smoke.yaml): 1000 train / 200 test questions, tiny models, 2 epochs,
 # no DataLoader workers, no tracking.
 SMALL_DEMO = ["experiment=smoke"]
+# The session's short demo run (the `demo_run` fixture): 4 epochs x 29 steps, validated every 20 steps and at each
+# epoch end; long enough to beat the answer prior clearly.
+SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.epochs=4", "trainer.eval_every=20"]
+# The metrics.json keys other tools read (the sweep objective, clipqa-report, MLflow).
+INTERFACE_KEYS = [TEST_ACC, VAL_ACC, TEST_PRIOR_ACC] + [f"{TEST_ACC}/{t}" for t in TYPE_NAMES.values()]
 
 
 def compose_cfg(overrides: list[str], cache: Path | None = None) -> DictConfig:

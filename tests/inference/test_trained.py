@@ -1,25 +1,20 @@
-"""Using a trained model: clipqa-eval reproduces a run's numbers, clipqa-predict answers questions, MLflow models,
-and checkpoints that would run code when loaded are refused."""
+"""Using a trained model: clipqa-eval reproduces a run's numbers, clipqa-predict answers questions, MLflow models.
+Checkpoints that would run code when loaded: tests/training/test_checkpoint.py."""
 
 import json
-import pathlib
 import shutil
 
 import pytest
-import torch
 
 from clipqa import cli
-from clipqa.errors import ClipqaError
-from clipqa.training.checkpoint import FORMAT, load_checkpoint, read_best
 from clipqa.training.run import train
 from tests.helpers.runs import SMALL_DEMO, compose_cfg
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    """One finished smoke run (2 epochs of the small demo): (run folder, its metrics, the demo data folder)."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    metrics = train(compose_cfg(SMALL_DEMO, cache_dir), out)
+def trained(demo_run, cache_dir):
+    """The session's finished short demo run (tests/conftest.py): (run folder, its metrics, the demo data folder)."""
+    _, out, metrics = demo_run
     (data,) = (cache_dir / "demo").glob("v1-train1000-test200-*")
     return out, metrics, data
 
@@ -117,38 +112,6 @@ def test_clipqa_eval_bad_input_is_one_clear_error(trained, capsys, tmp_path):
     ):
         code, _, err = run_tool(cli.evaluate, capsys, *args)
         assert code == 2 and message in err, (args, err)
-
-
-class _Payload:
-    """Unpickling this creates a file: what a malicious checkpoint could do instead."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused_and_never_unpickled(trained, tmp_path, capsys, cache_dir):
-    out, _, _ = trained
-    marker = tmp_path / "code-ran"
-    ckpt = read_best(out / "best.pt", "test")
-    torch.save({**ckpt, "payload": _Payload(marker)}, tmp_path / "best.pt")
-    assert ckpt["format"] == FORMAT
-    with pytest.raises(ClipqaError, match="refusing to load"):
-        load_checkpoint(tmp_path / "best.pt")
-    code, _, err = run_tool(cli.evaluate, capsys, str(tmp_path / "best.pt"))
-    assert code == 2 and "would run code" in err
-    # the same for a warm start and for a resume checkpoint found in a run folder
-    cfg = compose_cfg([*SMALL_DEMO, f"trainer.init_from={tmp_path / 'best.pt'}"], cache_dir)
-    with pytest.raises(ClipqaError, match="refusing to load"):
-        train(cfg, tmp_path / "warm")
-    run = tmp_path / "resumed"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"format": "clipqa-resume-v1", "payload": _Payload(marker)}, run / "checkpoints" / "step_00000001.pt")
-    with pytest.raises(ClipqaError, match="refusing to load"):
-        train(compose_cfg(SMALL_DEMO, cache_dir), run)
-    assert not marker.exists()
 
 
 @pytest.mark.slow
