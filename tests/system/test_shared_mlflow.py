@@ -134,7 +134,7 @@ def test_a_parallel_sweep_logs_runs_params_metrics_artifacts_and_its_report_thro
 def test_the_mlflow_ui_shows_the_sweep_to_a_logged_in_browser(team_server, team_sweep):
     """The UI test of tests/system/test_mlflow_ui.py against the team server: the browser logs in with HTTP basic auth.
     Catches: a UI that cannot be browsed behind basic-auth, or runs missing from it."""
-    from tests.system.test_mlflow_ui import browser_page, check_accuracies_shown, runs_table_with_test_acc
+    from tests.helpers.browser import browser_page, check_accuracies_shown, runs_table_with_test_acc
 
     with logged_in(*ALICE):
         client, parent, children = sweep_runs(team_server)
