@@ -47,7 +47,8 @@ def cache(argv: list[str] | None = None) -> None:
 
     from clipqa.config import validate
     from clipqa.models.backbones import load_backbone
-    from clipqa.training.build import feature_store, load_data, pick_device
+    from clipqa.training.device import pick_device
+    from clipqa.training.loaders import feature_store, load_data
     from clipqa.training.schedule import resolve_phases
 
     try:

@@ -25,8 +25,9 @@ from clipqa.evaluation.wups import split_wups
 from clipqa.models.backbones import Backbone
 from clipqa.models.model import ClipQA
 from clipqa.tracking.uris import resolve_uri
-from clipqa.training.build import build_labels, cached_store, load_data, pick_device, resolve_precision, split_loader
 from clipqa.training.checkpoint import restore_model
+from clipqa.training.device import pick_device, resolve_precision
+from clipqa.training.loaders import build_labels, cached_store, load_data, split_loader
 from clipqa.training.schedule import resolve_phases
 
 log = logging.getLogger(__name__)

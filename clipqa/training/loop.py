@@ -28,8 +28,9 @@ from clipqa.metrics import TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 from clipqa.models.freeze import apply_freeze, trainable_state
 from clipqa.models.model import ClipQA
 from clipqa.tracking.tracker import Tracker
-from clipqa.training.build import Loaders, build_optimizer
+from clipqa.training.build import build_optimizer
 from clipqa.training.checkpoint import save_resume
+from clipqa.training.loaders import Loaders
 from clipqa.training.schedule import Phase
 from clipqa.training.signals import StopRequest
 from clipqa.training.state import Best, FirstNonFinite, StepTimer, TrainState

@@ -4,7 +4,8 @@
 reads top to bottom:
 
 1. validate the config (typed boundary); skip a finished run; find a resume checkpoint; start the tracker
-2. set up: seed, device, data, backbone, labels, model, feature cache, loaders        (:mod:`clipqa.training.build`)
+2. set up: seed, device, data, backbone, labels, model, feature cache, loaders   (:mod:`~clipqa.training.device`,
+   :mod:`~clipqa.training.loaders`, :mod:`~clipqa.training.build`)
 3. train phase by phase, validating and keeping the best weights                       (:mod:`clipqa.training.loop`)
 4. write metrics.json, config.yaml, history.jsonl, test_predictions.tsv, curves and best.pt
 5. log the final metrics and files to the tracker and end its run FINISHED, FAILED or KILLED
@@ -29,19 +30,10 @@ from clipqa.models.backbones import load_backbone
 from clipqa.report.plots import save_curves
 from clipqa.tracking.run_info import RunInfo
 from clipqa.tracking.tracker import Tracker, make_tracker
-from clipqa.training.build import (
-    build_labels,
-    build_loaders,
-    build_model,
-    claim_device,
-    compile_model,
-    keep_freed_memory,
-    load_data,
-    resolve_precision,
-    seed_everything,
-    warn_long_questions,
-)
+from clipqa.training.build import build_model
 from clipqa.training.checkpoint import latest_resume, load_init, same_run, save_best
+from clipqa.training.device import claim_device, compile_model, keep_freed_memory, resolve_precision, seed_everything
+from clipqa.training.loaders import build_labels, build_loaders, load_data, warn_long_questions
 from clipqa.training.loop import Trainer
 from clipqa.training.schedule import PARTS, resolve_phases
 from clipqa.training.signals import stop_on_signals

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from clipqa import cli
+from clipqa.data.archive import extract
 from clipqa.data.demo import generate
-from clipqa.data.download import download_datasets, extract
+from clipqa.data.download import download_datasets
 from clipqa.errors import ClipqaError
 
 COCOQA = "cocoqa-2015-05-17.zip"

@@ -179,7 +179,7 @@ def test_several_processes_starting_at_once_share_one_build(tmp_path, cache_dir)
 
     from clipqa.config import validate
     from clipqa.models.backbones import load_backbone
-    from clipqa.training.build import images_of, load_data
+    from clipqa.training.loaders import images_of, load_data
 
     overrides = [*TINY_RUN, f"features.dir={tmp_path / 'features'}", "features.num_workers=0"]
     cfg = validate(compose_cfg(overrides, cache_dir))

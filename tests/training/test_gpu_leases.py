@@ -123,7 +123,7 @@ def _job_leases(sweep_dir: Path) -> list[dict]:
     leases = []
     for log in sweep_dir.glob("*/train.log"):
         text = log.read_text()
-        lease = re.search(r"^\[([^\]]+)\]\[clipqa.training.build\]\[INFO\] - leased GPU (\d+) of 2", text, re.M)
+        lease = re.search(r"^\[([^\]]+)\]\[clipqa.training.device\]\[INFO\] - leased GPU (\d+) of 2", text, re.M)
         stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", text, re.M)
         assert lease, f"{log}: no lease line"
         leases.append(
@@ -163,7 +163,7 @@ def test_parallel_sweep_jobs_each_train_on_their_own_gpu(tmp_path):
 def test_a_pinned_device_takes_no_lease_and_auto_does(tmp_path, monkeypatch):
     """trainer.device=cpu (or cuda:K) is used as given, never waiting behind leased GPUs; trainer.device=auto on a
     several-GPU machine does lease (build.claim_device is what clipqa.training.run.train holds for the whole run)."""
-    from clipqa.training.build import claim_device
+    from clipqa.training.device import claim_device
     from clipqa.training.gpu_leases import lease_folder
 
     monkeypatch.setenv("CLIPQA_FAKE_GPU_COUNT", "2")
