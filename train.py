@@ -24,7 +24,7 @@ log = logging.getLogger("clipqa")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     from clipqa.config import validate
-    from clipqa.sweep.optuna_trial import TrialJob, objective
+    from clipqa.sweep.optuna_trial import TrialJob, objective, pruning_callback
 
     trial = TrialJob.from_env()  # set when the Optuna sweeper (hydra/sweeper=clipqa_optuna) launched this job
     try:
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
         info = hydra_run_info()
         if trial is not None:  # clipqa.tracking.run_info.run_name reads the trial number from the overrides
             info.overrides.append(f"+optuna.trial={trial.number}")
-        on_validation = trial.pruning_callback() if trial else None  # val/acc to the trial, so it can prune
+        on_validation = pruning_callback(trial)  # val/acc to the trial, so it can prune (None: not pruned)
         metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
         value = objective(metrics, trial)  # val/acc, or hydra.sweeper.metric_names (a tuple for several objectives)
     except Preempted as e:

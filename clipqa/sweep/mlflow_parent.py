@@ -1,8 +1,8 @@
 """A Hydra multirun in MLflow: its parent run, the comparison report at its end, and an Optuna study's best trial.
 
-:class:`MlflowSweepCallback` is registered in ``conf/config.yaml`` under ``hydra.callbacks``; the Optuna sweeper
-calls :func:`mark_study` at its start, :func:`mark_best_trial` / :func:`mark_pareto_front` at its end (and
-:func:`fail_sweep` when it stops with an error).
+:class:`MlflowSweepCallback` is registered in ``conf/config.yaml`` under ``hydra.callbacks``; the Optuna sweeper's
+hooks (:class:`clipqa.sweep.optuna_hooks.MlflowStudyHooks`) call :func:`mark_study` at its start,
+:func:`mark_best_trial` / :func:`mark_pareto_front` at its end (and :func:`fail_sweep` when it stops with an error).
 
 An Optuna study worked on by several sweeper processes (or resumed by later sweeps) has one parent run per sweep
 process; each parent is tagged with the study (``clipqa.optuna_study``, ``clipqa.optuna_storage``), and the report
@@ -43,6 +43,7 @@ class MlflowSweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _warn_without_optuna_hooks(config)
         try:  # the tracking preflight (login, permission, credentials in tracking.uri): exit 2 before any job
             self._start_parent(config)
         except ClipqaError as e:  # (Hydra would turn the exception into a warning and run every job anyway)
@@ -130,6 +131,19 @@ class MlflowSweepCallback(Callback):
 
 
 STUDY_TAG, STORAGE_TAG = "clipqa.optuna_study", "clipqa.optuna_storage"
+OPTUNA_HOOKS = "clipqa.sweep.optuna_hooks.MlflowStudyHooks"
+
+
+def _warn_without_optuna_hooks(config: DictConfig) -> None:
+    """hydra/sweeper=clipqa_optuna picked without the named sweep: clipqa's study and MLflow tags are missing."""
+    hooks = config.hydra.sweeper.get("hooks")  # only the Optuna sweeper's schema has the key
+    if hooks is not None and not any(h.get("_target_") == OPTUNA_HOOKS for h in hooks):
+        log.warning(
+            "hydra/sweeper=clipqa_optuna without clipqa's hooks (hydra.sweeper.hooks): the study is in memory "
+            "unless hydra.sweeper.storage is set, and MLflow gets no best-trial tags. Use sweep=optuna (or "
+            "sweep=optuna_tradeoff), or add 'hydra.sweeper.hooks=[{_target_:%s}]'",
+            OPTUNA_HOOKS,
+        )
 
 
 def _study_runs(client, parent) -> list[str] | None:

@@ -4,11 +4,11 @@ The layout is Hydra's Optuna sweeper's (``hydra-optuna-sweeper``), so its sweep 
 ``study_name``, ``storage``, ``n_trials``, ``n_jobs``, ``max_failure_rate``, ``params``, ``custom_search_space``, and
 the sampler as a config group (``hydra/sweeper/sampler=tpe|random|grid|cmaes|qmc|nsgaii``) whose ``_target_`` is any
 Optuna sampler and whose other keys are its arguments (``+hydra.sweeper.sampler.ARG=...`` passes one not listed
-here). Added: ``metric_names``, ``pruner`` and, for several workers on one study, ``heartbeat_interval``,
-``grace_period``, ``max_retry``. What differs from Hydra's sweeper, and why: the README, "Optuna".
+here). Added: ``metric_names``, ``pruner``, ``hooks`` (the host app's extras: :mod:`.hooks`) and, for several
+workers on one study, ``heartbeat_interval``, ``grace_period``, ``max_retry``. The manual: docs/optuna-plugin.md.
 
-sweeps/optuna.yaml sets only the search space (``params``); change a default here, or per run on the command line
-(``hydra.sweeper.n_trials=30``, ``hydra/sweeper/sampler=random``).
+Change a default here, or per run on the command line (``hydra.sweeper.n_trials=30``,
+``hydra/sweeper/sampler=random``).
 """
 
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ class GridSamplerConf(SamplerConf):
 
 @dataclass
 class CmaEsSamplerConf(SamplerConf):
-    _target_: str = "optuna.samplers.CmaEsSampler"  # needs the cmaes package (a clipqa dependency)
+    _target_: str = "optuna.samplers.CmaEsSampler"  # needs the cmaes package (pip install cmaes)
     n_startup_trials: int = 1
     independent_sampler: Any = None  # for categorical parameters; None: random
     warn_independent_sampling: bool = True
@@ -89,7 +89,7 @@ SAMPLERS = {
 
 @dataclass
 class PrunerConf:
-    # The job reports to its trial at every validation (clipqa's train.py: val/acc) and stops when this says so.
+    # The job reports to its trial (trial.report(value, step), e.g. at every validation) and stops when this says so.
     # Single-objective studies only: Optuna cannot prune a multi-objective one.
     name: str = "median"  # median | hyperband | none
     n_startup_trials: int = 2  # median: trials that finish before any pruning
@@ -106,11 +106,11 @@ class ClipqaOptunaSweeperConf:
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     sampler: Any = MISSING  # the hydra/sweeper/sampler group: tpe | random | grid | cmaes | qmc | nsgaii
     # maximize | minimize, or one per objective: [maximize, minimize] (the app returns a list or tuple).
-    # Hydra's default is minimize; ours is clipqa's objective, val/acc.
+    # Hydra's default is minimize; ours is maximize (apps mostly return a score, such as an accuracy).
     direction: Any = "maximize"
-    # Names of the objectives (optuna-dashboard, optimization_results.yaml, MLflow). null: clipqa's [val/acc] for a
-    # single-objective clipqa study, else unnamed. For clipqa they are also what train.py returns: keys of the
-    # run's metrics.json, e.g. [val/acc, params/trainable] with direction [maximize, minimize].
+    # Names of the objectives (optuna-dashboard, optimization_results.yaml; the jobs get them: TrialJob.metric_names,
+    # e.g. to pick what to return: [val/acc, params/trainable] with direction [maximize, minimize]). null: a hook's
+    # default (hooks.defaults), else unnamed.
     metric_names: list[str] | None = None
     n_trials: int = 20  # total over the study, trials of earlier runs included (capped at the grid's size)
     n_jobs: int = 1  # trials launched at once (use hydra/launcher=joblib to run them in parallel)
@@ -119,9 +119,9 @@ class ClipqaOptunaSweeperConf:
     # whose every trial failed always exits non-zero.
     max_failure_rate: float = 1.0
     # Optuna storage URL: sqlite:///PATH.db (a relative path is made absolute), journal:///PATH.log, postgresql://...
-    # null: sqlite:///<project folder>/optuna.db for clipqa, in memory for any other app (as Hydra's sweeper).
+    # null: a hook's default (hooks.defaults), else in memory (as Hydra's sweeper: no resume, no job-side pruning).
     storage: Any = None
-    study_name: str | None = None  # null: "clipqa" for clipqa, else the app's name (hydra.job.name)
+    study_name: str | None = None  # null: a hook's default, else the app's name (hydra.job.name)
     # Several sweeper processes may work on one study (SQLite or PostgreSQL): each records a heartbeat for the
     # trials it runs every heartbeat_interval seconds; a trial without one for grace_period seconds (its sweeper
     # died) is failed by any other worker (or the next sweep on the study) and retried with the same parameters up
@@ -137,3 +137,6 @@ class ClipqaOptunaSweeperConf:
     # "module.function": called as function(config, trial) after each ask; it may suggest more parameters
     # (trial.suggest_*), which are passed to the job like the others.
     custom_search_space: str | None = None
+    # The host app's extras (docs/optuna-plugin.md, "Hooks"): a list of {_target_: module.Class, ...args}, each built
+    # with hydra.utils.instantiate and called at the study's start, each trial's end, the sweep's end or failure.
+    hooks: list[Any] = field(default_factory=list)

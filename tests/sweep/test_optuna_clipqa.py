@@ -1,8 +1,8 @@
 """clipqa's side of the Optuna sweeper: a two-objective search with train.py (slow: every trial trains).
 
 The single-objective study (pruning, resume, the best trial in MLflow, failures) is in
-tests/sweep/test_named_sweeps.py; the
-sweeper on apps that are not clipqa's is in tests/sweeper/test_apps.py.
+tests/sweep/test_named_sweeps.py; the sweeper on apps that are not clipqa's is in tests/sweeper/test_apps.py. clipqa's
+extras reach the sweeper through its hooks (clipqa/sweep/optuna_hooks.py, registered by conf/sweep/optuna*.yaml).
 """
 
 import optuna
@@ -17,7 +17,7 @@ from tests.helpers.runs import SMALL_DEMO, run_cli
 def test_two_objective_search_returns_the_named_metrics_and_tags_its_pareto_front(tmp_path):
     uri, storage = f"sqlite:///{tmp_path / 'm.db'}", f"sqlite:///{tmp_path / 'o.db'}"
     r = run_cli(
-        *("-cd", "sweeps", "-cn", "optuna_tradeoff", *SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=300"),
+        *("-m", "sweep=optuna_tradeoff", *SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=300"),
         *("data.synthetic.n_test=60", "trainer.max_steps=6", "trainer.eval_every=3", f"tracking.uri={uri}"),
         *("hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'sweep'}"),
     )

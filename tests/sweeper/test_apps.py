@@ -2,8 +2,10 @@
 (tests/sweeper/apps/: a quadratic with a known optimum, a two-objective app, an app returning non-numbers).
 
 Each app runs as ``python tests/sweeper/apps/APP.py -m hydra/sweeper=clipqa_optuna ...``, so Hydra finds the sweeper
-through the ``hydra_plugins`` namespace package as it would for any user. The sweeps start together once per module
-(they are small: a few seconds in all) and each test checks one promise of the README's Optuna section.
+through the ``hydra_plugins`` namespace package as it would for any user, and with ``import clipqa`` blocked in the
+process and its jobs (tests/sweeper/no_clipqa/sitecustomize.py on PYTHONPATH): the plugin stands alone. The sweeps
+start together once per module (they are small: a few seconds in all) and each test checks one promise of the
+plugin's manual (docs/optuna-plugin.md).
 """
 
 import json
@@ -20,8 +22,15 @@ from optuna.trial import TrialState
 from tests.helpers.runs import ROOT
 
 APPS = ROOT / "tests" / "sweeper" / "apps"
+NO_CLIPQA = ROOT / "tests" / "sweeper" / "no_clipqa"  # its sitecustomize.py makes `import clipqa` fail
+BLOCKED = "import of clipqa blocked"
 SPACE = ["x=interval(-4, 4)", "y=int(interval(-3, 3))", "label=str(choice(1, 2))"]  # Hydra's casts: int, str
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
+
+
+def recorder(path: Path) -> str:
+    """The override that registers tests/sweeper/apps/recording_hooks.py, writing its calls to ``path``."""
+    return f"hydra.sweeper.hooks=[{{_target_:recording_hooks.Recorder,path:'{path}'}}]"
 
 
 def runs(tmp: Path) -> dict[str, tuple[str, list[str]]]:
@@ -41,7 +50,8 @@ def runs(tmp: Path) -> dict[str, tuple[str, list[str]]]:
         ),
         **{
             s: ("quadratic", [minimize, f"hydra/sweeper/sampler={s}", *SPACE, "hydra.sweeper.n_trials=4"]
-                + (["hydra.sweeper.custom_search_space=custom_space.add_side"] if s == "tpe" else []))
+                + (["hydra.sweeper.custom_search_space=custom_space.add_side"] if s == "tpe" else [])
+                + ([recorder(tmp / "hooks.jsonl")] if s == "random" else []))  # the hook interface
             for s in SAMPLERS
         },
         "front": ("two_objectives", [*two, "hydra/sweeper/sampler=grid"]),
@@ -53,7 +63,7 @@ def runs(tmp: Path) -> dict[str, tuple[str, list[str]]]:
         "failure_rate": (
             "returns",
             ["kind=none", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=0.5",
-             f"hydra.sweeper.storage=sqlite:///{tmp}/f.db"],
+             f"hydra.sweeper.storage=sqlite:///{tmp}/f.db", recorder(tmp / "failed.jsonl")],
         ),
         "direction": ("quadratic", [minimize, "x=interval(-4, 4)", f"hydra.sweeper.storage=sqlite:///{tmp}/d.db"]),
     }  # fmt: skip
@@ -82,7 +92,8 @@ class Sweep:
 def sweeps(tmp_path_factory) -> dict[str, Sweep]:
     tmp = tmp_path_factory.mktemp("optuna-apps")
     optuna.create_study(study_name="quadratic", storage=f"sqlite:///{tmp}/d.db", direction="maximize")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    pythonpath = os.pathsep.join(p for p in (str(NO_CLIPQA), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": pythonpath}
     procs = {
         name: subprocess.Popen(
             [
@@ -102,6 +113,62 @@ def sweeps(tmp_path_factory) -> dict[str, Sweep]:
         for name, (app, args) in runs(tmp).items()
     }
     return {name: Sweep(tmp, name, proc) for name, proc in procs.items()}
+
+
+def test_clipqa_cannot_be_imported_where_the_apps_run():
+    """The blocker works: the sweeps below ran without clipqa."""
+    env = {**os.environ, "PYTHONPATH": str(NO_CLIPQA)}
+    r = subprocess.run([sys.executable, "-c", "import clipqa"], env=env, capture_output=True, text=True, cwd=APPS)
+    assert r.returncode != 0 and BLOCKED in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "sampler, sweep",
+    [("tpe", "tpe"), ("random", "random"), ("grid", "grid"), ("cmaes", "cmaes"), ("qmc", "qmc"), ("nsgaii", "nsgaii")],
+)
+def test_every_sampler_sweeps_an_app_without_clipqa(sweeps, sampler, sweep):
+    """Bug caught: a module of the plugin (or the job-side trial API) importing clipqa, found only by a user
+    without it; an attempt caught and ignored shows too (the blocker writes every attempt to stderr)."""
+    s = sweeps[sweep]
+    out = s.ok()
+    assert BLOCKED not in out
+    cls = dict(tpe="TPE", random="Random", grid="Grid", cmaes="CmaEs", qmc="QMC", nsgaii="NSGAII")[sampler]
+    assert f"sampler {cls}Sampler" in out
+    results = s.results
+    assert results["trials"]["complete"] == len(s.received()) or sampler == "nsgaii"
+    assert results["trials"]["complete"] >= 4
+    assert ("best_value" in results) if sampler != "nsgaii" else len(results["solutions"]) >= 1
+
+
+def test_every_sweep_ran_without_clipqa(sweeps):
+    for name, s in sweeps.items():
+        assert BLOCKED not in s.output, name
+
+
+def test_hooks_are_called_in_order_with_the_study_and_its_results(sweeps):
+    """The hook interface (hooks.py): defaults, on_study_start, on_trial_end per trial, on_sweep_end."""
+    s = sweeps["random"]
+    s.ok()
+    events = [json.loads(line) for line in (s.dir.parent / "hooks.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["defaults", "on_study_start", *["on_trial_end"] * 4, "on_sweep_end"]
+    assert events[0]["directions"] == ["minimize"]
+    assert events[1] == {"event": "on_study_start", "name": "quadratic", "storage": "memory", "n": 0}
+    assert all(e["state"] == "COMPLETE" and e["reason"] is None for e in events[2:6])
+    assert [e["number"] for e in events[2:6]] == [0, 1, 2, 3]
+    assert events[6] == {
+        "event": "on_sweep_end", "best": s.results["best_trial"], "launched": 4, "files": ["optimization_results.yaml"]
+    }  # fmt: skip
+
+
+def test_a_failing_sweep_calls_on_sweep_failed_with_the_message_after_on_sweep_end(sweeps):
+    s = sweeps["failure_rate"]
+    assert s.returncode != 0
+    events = [json.loads(line) for line in (s.dir.parent / "failed.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["defaults", "on_study_start", "on_trial_end", "on_sweep_end",
+                                            "on_sweep_failed"]  # fmt: skip
+    assert events[2]["state"] == "FAIL" and events[2]["reason"] == "returned None (NoneType), not a number"
+    assert events[3]["best"] is None
+    assert "1 of the 1 trials launched failed, more than hydra.sweeper.max_failure_rate=0.5" in events[4]["error"]
 
 
 def study(url: str, name: str):

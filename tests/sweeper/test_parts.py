@@ -8,14 +8,13 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from clipqa.sweep.optuna_trial import TrialJob, make_storage, objective
+from clipqa.sweep.optuna_trial import objective
+from hydra_plugins.clipqa_optuna_sweeper._impl import OptunaSweeperImpl
+from hydra_plugins.clipqa_optuna_sweeper._results import objective_values
+from hydra_plugins.clipqa_optuna_sweeper._space import distribution, encode, search_space
+from hydra_plugins.clipqa_optuna_sweeper._storage import make_storage
 from hydra_plugins.clipqa_optuna_sweeper.config import SAMPLERS, PrunerConf
-from hydra_plugins.clipqa_optuna_sweeper.sweeper import (
-    ClipqaOptunaSweeper,
-    distribution,
-    encode,
-    objective_values,
-)
+from hydra_plugins.clipqa_optuna_sweeper.trial import TrialJob
 
 
 def dist(line: str):
@@ -107,6 +106,10 @@ def test_the_trial_reaches_the_job_through_a_hydra_quoted_environment_value(monk
 
 def test_train_py_returns_val_acc_or_the_named_metrics():
     from clipqa.errors import ClipqaError
+    from clipqa.sweep.optuna_trial import pruning_callback
+
+    assert pruning_callback(None) is None
+    assert pruning_callback(TrialJob(0, 1, "s", None, {"name": "median"}, ["val/acc", "params/trainable"])) is None
 
     metrics = {"val/acc": 0.75, "params/trainable": 1200, "test/acc": 0.7}
     assert objective(metrics, None) == 0.75
@@ -124,14 +127,42 @@ def test_bad_sweeper_settings_name_the_key():
         s._directions()
     s.direction = ["maximize", "minimize"]
     assert s._directions() == ["maximize", "minimize"]
-    with pytest.raises(Exception, match="hydra.sweeper.metric_names"):  # clipqa needs the objectives named
-        s._metric_names(s._directions(), clipqa=True)
     s.metric_names = ["val/acc"]
     with pytest.raises(Exception, match="1 objective\\(s\\), hydra.sweeper.direction=.* has 2"):
-        s._metric_names(s._directions(), clipqa=False)
+        s._metric_names(s._directions())
     grid = sweeper(sampler={"name": "grid"}, params={"optimizer.lr": "interval(1e-5, 1e-3)"})
     with pytest.raises(Exception, match="sampler=grid needs a finite set of values, but optimizer.lr"):
-        grid._sampler(0, grid._space([])[0])
+        grid._sampler(0, space_of(grid).distributions)
+
+
+def test_hook_defaults_fill_only_what_the_user_left_null():
+    class Defaults:
+        def defaults(self, config, directions):
+            return {"storage": "sqlite:///h.db", "study_name": "hooked", "metric_names": ["score"]}
+
+    class Later:  # a later hook does not override an earlier one; a hook without the method is skipped
+        def defaults(self, config, directions):
+            return {"storage": "sqlite:///later.db", "study_name": "later"}
+
+    s = sweeper()
+    s.config, s.hooks = OmegaConf.create({}), [object(), Defaults(), Later()]
+    s.study_name = "mine"
+    s._hook_defaults(["maximize"])
+    assert (s.storage_url, s.study_name, s.metric_names) == ("sqlite:///h.db", "mine", ["score"])
+
+
+def test_clipqas_hooks_give_its_study_and_ask_for_names_of_several_objectives():
+    from clipqa.metrics import OBJECTIVE
+    from clipqa.sweep.optuna_hooks import MlflowStudyHooks
+    from clipqa.sweep.optuna_trial import default_storage
+
+    config = OmegaConf.create({"hydra": {"sweeper": {"metric_names": None}}})
+    given = MlflowStudyHooks().defaults(config, ["maximize"])
+    assert given == {"storage": default_storage(), "study_name": "clipqa", "metric_names": [OBJECTIVE]}
+    with pytest.raises(Exception, match="hydra.sweeper.direction has 2 objectives: name them"):
+        MlflowStudyHooks().defaults(config, ["maximize", "minimize"])
+    config.hydra.sweeper.metric_names = ["val/acc", "params/trainable"]
+    assert MlflowStudyHooks().defaults(config, ["maximize", "minimize"])["study_name"] == "clipqa"
 
 
 def test_sweeper_is_discovered_with_its_sampler_group():
@@ -141,6 +172,8 @@ def test_sweeper_is_discovered_with_its_sampler_group():
 
     found = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
     assert "hydra_plugins.clipqa_optuna_sweeper.sweeper.ClipqaOptunaSweeper" in found
+    (shim,) = [c for c in Plugins.instance().discover(Sweeper) if c.__name__ == "ClipqaOptunaSweeper"]
+    assert isinstance(shim(**sweeper_settings()).sweeper, OptunaSweeperImpl)
     groups = ConfigStore.instance().repo["hydra"]["sweeper"]
     assert "clipqa_optuna.yaml" in groups
     samplers = groups["sampler"]
@@ -168,10 +201,24 @@ def sweeper(**kw):
         sampler.n_startup_trials = 3
     pruner = OmegaConf.merge(OmegaConf.structured(PrunerConf), kw.pop("pruner", {}))
     params = kw.pop("params", {"mapper.num_layers": "range(0, 3)"})
-    return ClipqaOptunaSweeper(
+    return OptunaSweeperImpl(
         sampler=sampler, direction="maximize", n_trials=4, n_jobs=1, storage=None, study_name="s", pruner=pruner,
         params=params,
     )  # fmt: skip
+
+
+def sweeper_settings() -> dict:
+    """The shim's keyword arguments, as Hydra passes hydra.sweeper.* (the schema's defaults)."""
+    from hydra_plugins.clipqa_optuna_sweeper.config import ClipqaOptunaSweeperConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(ClipqaOptunaSweeperConf))
+    settings.pop("defaults"), settings.pop("_recursive_")
+    settings["sampler"] = OmegaConf.structured(SAMPLERS["tpe"])
+    return settings
+
+
+def space_of(s: OptunaSweeperImpl, arguments: list[str] = ()):
+    return search_space(s.params, list(arguments))
 
 
 @pytest.mark.parametrize(
@@ -187,7 +234,7 @@ def sampled(name: str, seed: int, n: int, n_existing: int = 0) -> list[dict]:
     if name != "grid":
         params["optimizer.lr"] = "tag(log, interval(1e-5, 1e-2))"
     s = sweeper(sampler={"name": name}, sampler_args={"seed": seed}, params=params)
-    space, _ = s._space([])
+    space = space_of(s).distributions
     study = optuna.create_study(sampler=s._sampler(n_existing, space), direction="maximize")
     asked = []
     for i in range(n):
@@ -201,7 +248,7 @@ def sampled(name: str, seed: int, n: int, n_existing: int = 0) -> list[dict]:
 @pytest.mark.parametrize("name, cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("grid", "GridSampler")])
 def test_samplers_are_selectable_and_seeded(name, cls):
     s = sweeper(sampler={"name": name})
-    space, _ = s._space([])
+    space = space_of(s).distributions
     assert type(s._sampler(0, space)).__name__ == cls
     n = 12 if name == "grid" else 3  # grid: its whole (seeded) order; tpe: its random start-up trials
     first = sampled(name, seed=1, n=n)
@@ -218,17 +265,18 @@ def test_samplers_are_selectable_and_seeded(name, cls):
 
 def test_command_line_sweeps_join_and_plain_values_leave_the_space():
     s = sweeper()
-    space, fixed = s._space(["optimizer=adam,adamw", "mapper.num_layers=1", "experiment=demo"])
-    assert set(space) == {"optimizer"} and fixed == ["mapper.num_layers=1", "experiment=demo"]
+    space = space_of(s, ["optimizer=adam,adamw", "mapper.num_layers=1", "experiment=demo"])
+    assert set(space.distributions) == {"optimizer"} and space.fixed == ["mapper.num_layers=1", "experiment=demo"]
+    assert space.overrides({"optimizer": "adamw"}) == ["mapper.num_layers=1", "experiment=demo", "optimizer=adamw"]
 
 
 def test_params_entries_are_replaced_by_the_command_line():
     s = sweeper(params={"optimizer": "choice(adam, sgd)", "+extra": "choice(1, 2)", "freeze": "vision"})
-    space, fixed = s._space(["optimizer=adamw,sgd", "freeze=text,vision"])
-    assert set(space) == {"optimizer", "+extra", "freeze"} and fixed == []
-    assert list(space["optimizer"].choices) == ["adamw", "sgd"]
-    space, fixed = s._space(["+extra=3"])
-    assert set(space) == {"optimizer"} and fixed == ["freeze=vision", "+extra=3"]
+    space = space_of(s, ["optimizer=adamw,sgd", "freeze=text,vision"])
+    assert set(space.distributions) == {"optimizer", "+extra", "freeze"} and space.fixed == []
+    assert list(space.distributions["optimizer"].choices) == ["adamw", "sgd"]
+    space = space_of(s, ["+extra=3"])
+    assert set(space.distributions) == {"optimizer"} and space.fixed == ["freeze=vision", "+extra=3"]
 
 
 def test_mlflow_parent_status_counts_pruned_trials_as_fine():

@@ -21,19 +21,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from clipqa.errors import ClipqaError
-from clipqa.sweep.optuna_trial import (
-    Heartbeats,
-    fail_stale_trials,
-    make_storage,
-    open_study,
-    retry_history,
-    retry_race,
-    trials_used,
-)
+from hydra_plugins.clipqa_optuna_sweeper._storage import make_storage, open_study, retry_race
+from hydra_plugins.clipqa_optuna_sweeper._workers import Heartbeats, ask, fail_stale_trials, retry_history, trials_used
+from hydra_plugins.clipqa_optuna_sweeper.errors import SweeperError
 from tests.helpers.runs import ROOT, SMALL_DEMO
 
 APP = ROOT / "tests" / "sweeper" / "apps" / "steps.py"
+# The toy app's sweeps run with `import clipqa` blocked (tests/sweeper/no_clipqa/sitecustomize.py): several workers
+# on one study is the plugin's own business.
+NO_CLIPQA = {
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests/sweeper/no_clipqa"), os.environ.get("PYTHONPATH")]))
+}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -77,7 +75,7 @@ def test_a_creation_race_that_never_ends_gives_one_clear_error_and_other_errors_
         raise OperationalError("INSERT ...", {}, Exception("database is locked"))
 
     with pytest.raises(
-        ClipqaError, match=r"Creating the study 'x': still failing after 3 attempts.*database is locked"
+        SweeperError, match=r"Creating the study 'x': still failing after 3 attempts.*database is locked"
     ):
         retry_race(locked, "Creating the study 'x'", attempts=3, pause=0)
     assert len(calls) == 3
@@ -127,29 +125,16 @@ def test_a_trial_whose_sweeper_stopped_beating_fails_and_is_retried_once_without
     assert trials_used(study.trials) == 2
 
 
-def sweeper(n_trials: int):
-    from omegaconf import OmegaConf
-
-    from hydra_plugins.clipqa_optuna_sweeper.config import SAMPLERS, PrunerConf
-    from hydra_plugins.clipqa_optuna_sweeper.sweeper import ClipqaOptunaSweeper
-
-    s = ClipqaOptunaSweeper(
-        sampler=OmegaConf.structured(SAMPLERS["random"]), direction="minimize", n_trials=n_trials, n_jobs=1,
-        storage=None, study_name="s", pruner=OmegaConf.structured(PrunerConf), params={"x": "interval(0, 1)"},
-    )  # fmt: skip
-    s._reseeded = False
-    return s
+SPACE = {"x": optuna.distributions.FloatDistribution(0, 1)}  # what the sweeper asks with: a search space
 
 
 def _ask_until_full(url: str, n_trials: int, barrier, results) -> None:
-    s = sweeper(n_trials)
     storage = make_storage(url, heartbeat_interval=5)
     study = open_study(storage, "s", ["minimize"])
-    space, _ = s._space([])
     barrier.wait()
     asked = 0
     with Heartbeats(storage) as beats:
-        while (trial := s._ask(study, storage, url, space, n_trials, False, beats)) is not None:
+        while (trial := ask(study, storage, url, SPACE, n_trials, False, beats)) is not None:
             study.tell(trial, trial.params["x"])
             beats.discard(trial._trial_id)
             asked += 1
@@ -180,19 +165,17 @@ def test_a_waiting_retry_is_run_even_when_the_study_is_full(tmp_path):
     url = f"sqlite:///{tmp_path / 'w.db'}"
     storage = make_storage(url, heartbeat_interval=1, grace_period=1, max_retry=1)
     study = open_study(storage, "s", ["minimize"])
-    s = sweeper(2)
-    space, _ = s._space([])
     with Heartbeats(storage) as beats:
-        first = s._ask(study, storage, url, space, 2, False, beats)
+        first = ask(study, storage, url, SPACE, 2, False, beats)
         beats.discard(first._trial_id)  # its worker "dies"
-        second = s._ask(study, storage, url, space, 2, False, beats)
+        second = ask(study, storage, url, SPACE, 2, False, beats)
         study.tell(second, 0.5)
         beats.discard(second._trial_id)
         time.sleep(2.1)
-        retry = s._ask(study, storage, url, space, 2, False, beats)  # fails the stale trial, asks its retry
+        retry = ask(study, storage, url, SPACE, 2, False, beats)  # fails the stale trial, asks its retry
         assert retry is not None and retry.params == study.trials[first.number].params
         study.tell(retry, 0.1)
-        assert s._ask(study, storage, url, space, 2, False, beats) is None  # full: 2 trials, the failed one replaced
+        assert ask(study, storage, url, SPACE, 2, False, beats) is None  # full: 2 trials, the failed one replaced
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
@@ -203,7 +186,7 @@ def worker(tmp: Path, name: str, storage: str, study: str, *args: str, env: dict
         [sys.executable, str(APP), "-m", "hydra/sweeper=clipqa_optuna", "hydra.sweeper.direction=minimize",
          f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={tmp / name}",
          "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2", *args],
-        cwd=tmp, env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
+        cwd=tmp, env={**os.environ, "HYDRA_FULL_ERROR": "0", **NO_CLIPQA, **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -298,7 +281,7 @@ def test_pruning_judges_one_workers_trials_by_the_other_workers_results(tmp_path
     url = postgres.create_database(f"prune_{os.getpid()}_{time.monotonic_ns()}")
     common = [f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner.n_startup_trials=2",
               "hydra.sweeper.pruner.name=median", "steps=3", "step_seconds=0.1"]  # fmt: skip
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **NO_CLIPQA}
     procs = {
         name: subprocess.Popen(
             [
@@ -336,7 +319,7 @@ def test_pruning_judges_one_workers_trials_by_the_other_workers_results(tmp_path
 
 @pytest.mark.slow
 def test_two_clipqa_sweeps_on_one_new_postgres_study_report_the_whole_study(tmp_path, postgres):
-    """The real path: two `train.py -cd sweeps -cn optuna` processes on one new PostgreSQL study, one MLflow parent
+    """The real path: two `train.py -m sweep=optuna` processes on one new PostgreSQL study, one MLflow parent
     run per worker; the later worker's report lists every trial of the study, and the password reaches no file,
     MLflow tag or param, nor the output."""
     from mlflow.tracking import MlflowClient
@@ -352,10 +335,8 @@ def test_two_clipqa_sweeps_on_one_new_postgres_study_report_the_whole_study(tmp_
             [
                 sys.executable,
                 str(ROOT / "train.py"),
-                "-cd",
-                "sweeps",
-                "-cn",
-                "optuna",
+                "-m",
+                "sweep=optuna",
                 *SMALL_DEMO,
                 "tracking=mlflow",
                 "data.synthetic.n_train=300",

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 @hydra.main(version_base="1.3", config_path=".", config_name="quadratic")
 def main(cfg: DictConfig) -> float:
     value = (cfg.x - 2) ** 2 + (cfg.y + 1) ** 2
-    if cfg.report:  # any app can report to its trial; only this needs clipqa (where the sweeper lives)
-        from clipqa.sweep.optuna_trial import current_trial
+    if cfg.report:  # any app can report to its trial, through the sweeper plugin's trial API
+        from hydra_plugins.clipqa_optuna_sweeper.trial import current_trial
 
         trial = current_trial()
         if trial is not None:

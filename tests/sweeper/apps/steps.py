@@ -1,6 +1,6 @@
 """Toy Hydra app for several sweeper processes on one study (tests/system/test_shared_optuna.py): a "training" of
-``steps``
-steps of ``step_seconds`` each that reports ``x`` to its trial at every step and stops when the pruner says so.
+``steps`` steps of ``step_seconds`` each that reports ``x`` to its trial at every step and stops when the pruner
+says so.
 
 It writes ``started.json`` (its trial's number, the sweeper's process id) into its output folder when it starts, so a
 test can tell which worker runs which trial and kill a worker while a trial of it runs. ``wait_for_complete: N``
@@ -17,7 +17,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clipqa.sweep.optuna_trial import current_trial
+from hydra_plugins.clipqa_optuna_sweeper.trial import current_trial
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="steps")
