@@ -45,8 +45,7 @@ class DataConfig:
 
 @dataclass
 class TinyPretrainConfig:
-    """backbone=tiny_pretrained: how the tiny models are pretrained (clipqa/models/tiny_pretrain.py) before first
-    use."""
+    """backbone=tiny_pretrained: the tiny models' pretraining before first use (clipqa/models/tiny_pretrain.py)."""
 
     seed: int = MISSING  # the pretraining world's scenes and pictures (not the demo data's seed)
     documents: int = MISSING  # text documents (a caption + questions with answers) for masked-LM
@@ -59,8 +58,7 @@ class TinyPretrainConfig:
 
 @dataclass
 class TinyBackboneConfig:
-    """Small CLIP vision + DistilBERT, built from configs (random-init or pretrained), saved/re-loaded via
-    from_pretrained."""
+    """Small CLIP vision + DistilBERT from configs (random or pretrained), saved and re-loaded by from_pretrained."""
 
     image_size: int = MISSING
     patch_size: int = MISSING
@@ -147,8 +145,7 @@ class PhaseFreezeConfig:
 
 @dataclass
 class PhaseConfig:
-    """One training phase (``trainer.phases``); unset values are inherited, see
-    clipqa.training.schedule.resolve_phases."""
+    """One training phase (``trainer.phases``); unset values are inherited (clipqa.training.schedule.resolve_phases)."""
 
     name: str | None = None
     epochs: int = MISSING
@@ -169,9 +166,8 @@ class TrainerConfig:
     log_every: int = MISSING
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N
-    gpu_lease: bool = (
-        MISSING  # auto/cuda with several GPUs: each concurrent job leases one (clipqa/training/gpu_leases.py)
-    )
+    # auto/cuda with several GPUs visible: each concurrent job leases one (clipqa/training/gpu_leases.py)
+    gpu_lease: bool = MISSING
     precision: str = MISSING  # auto | fp32 | bf16 | fp16
     num_workers: int | None = MISSING  # None: auto (2 decoding images, 0 reading cached features)
     compile: str = MISSING  # auto | off | default | reduce-overhead | max-autotune (true = default, false = off)
@@ -255,35 +251,68 @@ def validate(cfg: DictConfig) -> DictConfig:
     return typed
 
 
+# Keys that take one of a few words: key -> (the words, what is wrong, the fix). Checked first, by _check_ranges.
+CHOICES = {
+    "tracking.backend": (("mlflow", "none"), "unknown tracking backend", "use tracking=mlflow or tracking=none"),
+    "mapper.activation": (("relu", "gelu", "tanh"), "unknown activation", "choose relu, gelu or tanh"),
+    "head.kind": (("vocab", "answers"), "unknown head", "choose head=vocab (paper) or head=answers"),
+    "head.readout": (("cls", "last"), "unknown readout position", "choose cls or last (paper)"),
+    "data.on_bad_image": (("error", "skip"), "unknown policy", "choose error or skip"),
+    "trainer.resume": (("auto", "never"), "unknown resume policy", "choose auto or never"),
+    "trainer.precision": (("auto", "fp32", "bf16", "fp16"), "unknown precision", "choose auto, fp32, bf16 or fp16"),
+    "image_tokens.select": (("all", "cls", "pooled"), "unknown token selection", "use image_tokens=all, cls or pooled"),
+    "features.dtype": (("fp16", "fp32"), "unknown feature dtype", "choose fp16 or fp32"),
+}
+
+
 def _check_ranges(c: RunConfig | DictConfig) -> None:
-    d, m, t, o = c.data, c.mapper, c.trainer, c.optimizer
+    """What a type cannot say: the word-valued keys (:data:`CHOICES`), then each section's numeric ranges and the
+    keys that only make sense together, one function per section; the first problem found stops the run."""
+    for key, (words, problem, fix) in CHOICES.items():
+        if (value := OmegaConf.select(c, key)) not in words:
+            _fail(key, value, problem, fix)
+    _check_mapper(c.mapper)
+    _check_data(c.data)
+    _check_optimizer(c.optimizer)
+    _check_trainer(c.trainer)
+    _check_image_tokens_and_features(c.image_tokens, c.features)
+    _check_backbone(c.backbone)
+
+
+def _check_mapper(m: MapperConfig) -> None:
     if m.num_layers < 0:
         _fail("mapper.num_layers", m.num_layers, "must be >= 0", "use 0 (raw CLIP tokens) or more layers")
     if m.hidden_dim <= 0:
         _fail("mapper.hidden_dim", m.hidden_dim, "must be > 0", "use e.g. mapper.hidden_dim=1024")
-    if m.activation not in ("relu", "gelu", "tanh"):
-        _fail("mapper.activation", m.activation, "unknown activation", "choose relu, gelu or tanh")
     if not 0.0 <= m.dropout < 1.0:
         _fail("mapper.dropout", m.dropout, "must be in [0, 1)", "use e.g. mapper.dropout=0.1")
-    if c.tracking.backend not in ("mlflow", "none"):
-        _fail(
-            "tracking.backend", c.tracking.backend, "unknown tracking backend", "use tracking=mlflow or tracking=none"
-        )
-    if c.head.kind not in ("vocab", "answers"):
-        _fail("head.kind", c.head.kind, "unknown head", "choose head=vocab (paper) or head=answers")
-    if c.head.readout not in ("cls", "last"):
-        _fail("head.readout", c.head.readout, "unknown readout position", "choose cls or last (paper)")
+
+
+def _check_data(d: DataConfig) -> None:
     if not 0.0 < d.val_fraction < 1.0:
         _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)", "use e.g. data.val_fraction=0.1")
-    if d.on_bad_image not in ("error", "skip"):
-        _fail("data.on_bad_image", d.on_bad_image, "unknown policy", "choose error or skip")
     if d.synthetic is None and (d.root is None or d.image_root is None):
         _fail("data.root", d.root, "COCO-QA needs data.root and data.image_root", "pass both, or experiment=demo")
+
+
+def _check_optimizer(o: OptimizerConfig) -> None:
     if o.lr <= 0:
         _fail("optimizer.lr", o.lr, "must be > 0", "use e.g. optimizer.lr=1e-4")
     if o.weight_decay < 0:
         _fail("optimizer.weight_decay", o.weight_decay, "must be >= 0", "use 0 or a small positive value")
-    _check_optimizer_target(o._target_)
+    import torch
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(o._target_)
+    except Exception:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        fix = "choose optimizer=adam, optimizer=adamw or optimizer=sgd (conf/optimizer/)"
+        _fail("optimizer._target_", o._target_, "not a torch.optim.Optimizer class", fix)
+
+
+def _check_trainer(t: TrainerConfig) -> None:
     for key in ("epochs", "epoch_multiplier", "batch_size", "eval_batch_size", "eval_every", "log_every"):
         if t[key] <= 0:
             _fail(f"trainer.{key}", t[key], "must be > 0", f"pass a positive integer, e.g. trainer.{key}=1")
@@ -294,67 +323,34 @@ def _check_ranges(c: RunConfig | DictConfig) -> None:
             _fail(f"trainer.phases[{i}].epochs", p.epochs, "must be > 0", "give every phase at least one epoch")
         if p.lr is not None and p.lr <= 0 or p.lr_scale is not None and p.lr_scale <= 0:
             _fail(f"trainer.phases[{i}].lr", p.lr, "must be > 0", "set lr or lr_scale to a positive number")
-    if t.resume not in ("auto", "never"):
-        _fail("trainer.resume", t.resume, "unknown resume policy", "choose auto or never")
     if t.checkpoint_every <= 0 or t.keep_checkpoints <= 0:
-        _fail(
-            "trainer.checkpoint_every",
-            t.checkpoint_every,
-            "must be > 0 (and keep_checkpoints > 0)",
-            "use e.g. trainer.checkpoint_every=1000 trainer.keep_checkpoints=2",
-        )
+        fix = "use e.g. trainer.checkpoint_every=1000 trainer.keep_checkpoints=2"
+        _fail("trainer.checkpoint_every", t.checkpoint_every, "must be > 0 (and keep_checkpoints > 0)", fix)
     if t.num_workers is not None and t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
     if t.compile.lower() not in COMPILE_MODES:
         _fail("trainer.compile", t.compile, "unknown compile mode", f"choose one of {', '.join(COMPILE_MODES)}")
     if not t.length_buckets or min(t.length_buckets) < 1:
         _fail("trainer.length_buckets", t.length_buckets, "needs positive lengths", "use e.g. [16, 24, 32, 64]")
-    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-        _fail("trainer.precision", t.precision, "unknown precision", "choose auto, fp32, bf16 or fp16")
-    it = c.image_tokens
-    if it.select not in ("all", "cls", "pooled"):
-        _fail("image_tokens.select", it.select, "unknown token selection", "use image_tokens=all, cls or pooled")
-    if it.select == "pooled" and (it.k is None or it.k < 1 or math.isqrt(it.k) ** 2 != it.k):
-        _fail("image_tokens.k", it.k, "pooled tokens come from a square grid", "use a square number, e.g. 1, 4, 9, 16")
-    f = c.features
-    if f.dtype not in ("fp16", "fp32"):
-        _fail("features.dtype", f.dtype, "unknown feature dtype", "choose fp16 or fp32")
-    if f.batch_size <= 0 or f.num_workers is not None and f.num_workers < 0:
-        _fail("features.batch_size", f.batch_size, "must be > 0 (and num_workers >= 0)", "use e.g. 64 and 2")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         _fail("trainer.device", t.device, "unknown device", "choose auto, cpu, cuda or cuda:N")
-    if c.backbone.image_position_offset < 1:
-        _fail(
-            "backbone.image_position_offset",
-            c.backbone.image_position_offset,
-            "must be >= 1",
-            "use 64 (COCO-QA questions are shorter than 64 tokens)",
-        )
-    pre = c.backbone.tiny.pretrain if c.backbone.tiny is not None else None
+
+
+def _check_image_tokens_and_features(it: ImageTokensConfig, f: FeaturesConfig) -> None:
+    if it.select == "pooled" and (it.k is None or it.k < 1 or math.isqrt(it.k) ** 2 != it.k):
+        _fail("image_tokens.k", it.k, "pooled tokens come from a square grid", "use a square number, e.g. 1, 4, 9, 16")
+    if f.batch_size <= 0 or f.num_workers is not None and f.num_workers < 0:
+        _fail("features.batch_size", f.batch_size, "must be > 0 (and num_workers >= 0)", "use e.g. 64 and 2")
+
+
+def _check_backbone(b: BackboneConfig) -> None:
+    if b.image_position_offset < 1:
+        fix = "use 64 (COCO-QA questions are shorter than 64 tokens)"
+        _fail("backbone.image_position_offset", b.image_position_offset, "must be >= 1", fix)
+    pre = b.tiny.pretrain if b.tiny is not None else None
     for key in ("documents", "pictures", "text_steps", "vision_steps", "batch_size", "lr") if pre is not None else ():
         if pre[key] <= 0:
             _fail(f"backbone.tiny.pretrain.{key}", pre[key], "must be > 0", "see conf/backbone/tiny_pretrained.yaml")
-    if c.backbone.tiny is None and (c.backbone.vision is None or c.backbone.text is None):
-        _fail(
-            "backbone.vision",
-            c.backbone.vision,
-            "a hub name or local folder is needed",
-            "use backbone=hub (openai/clip-vit-base-patch32 + distilbert-base-uncased) or backbone=tiny",
-        )
-
-
-def _check_optimizer_target(target: str) -> None:
-    import torch
-    from hydra.utils import get_class
-
-    try:
-        cls = get_class(target)
-    except Exception:
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        _fail(
-            "optimizer._target_",
-            target,
-            "not a torch.optim.Optimizer class",
-            "choose optimizer=adam, optimizer=adamw or optimizer=sgd (conf/optimizer/)",
-        )
+    if b.tiny is None and (b.vision is None or b.text is None):
+        fix = "use backbone=hub (openai/clip-vit-base-patch32 + distilbert-base-uncased) or backbone=tiny"
+        _fail("backbone.vision", b.vision, "a hub name or local folder is needed", fix)
