@@ -2,6 +2,7 @@
 
     python train.py experiment=demo
     python train.py -m experiment=demo mapper.num_layers=0,1,2
+    python train.py -m sweep=paper experiment=demo       # a named sweep: conf/sweep/paper.yaml
 
 The run logic is :func:`clipqa.training.run.train` (importable, tested directly). User-fixable problems (ClipqaError)
 are
@@ -52,20 +53,5 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     return value
 
 
-def _config_dir_from_anywhere(argv: list[str]) -> None:
-    """Let ``-cd sweeps`` name this project's sweeps/ folder from any working directory (Hydra resolves
-    ``--config-dir`` against the working directory; :func:`clipqa.paths.config_dir` falls back to the project's).
-    The main conf/ stays on the search path, so a sweep file's ``defaults: [config]`` finds conf/config.yaml."""
-    from clipqa.paths import config_dir
-
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if flag in ("-cd", "--config-dir") and not eq and i + 1 < len(argv):
-            argv[i + 1] = str(config_dir(argv[i + 1]))
-        elif flag == "--config-dir" and eq:
-            argv[i] = f"--config-dir={config_dir(value)}"
-
-
 if __name__ == "__main__":
-    _config_dir_from_anywhere(sys.argv)
     main()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from clipqa.errors import ClipqaError
-from clipqa.paths import CONF_DIR, config_dir
+from clipqa.paths import CONF_DIR
 
 
 def _fail(prog: str, message: str) -> None:
@@ -26,23 +26,30 @@ def cache(argv: list[str] | None = None) -> None:
     """``clipqa-cache [OVERRIDES]``: build (or find) the feature cache a run with these overrides would use.
 
     Run it once before a sweep (e.g. on the login node's GPU, or as the first SLURM job) so the sweep's jobs all
-    start from a finished store; they would otherwise build it themselves, one building while the others wait.
+    start from a finished store; they would otherwise build it themselves, one building while the others wait. A
+    named sweep is an override as for train.py (``clipqa-cache sweep=freeze experiment=demo``): its base config,
+    the one its jobs share before the swept keys apply.
     """
     parser = argparse.ArgumentParser(
         prog="clipqa-cache",
         description="Encode every image of the configured dataset with the frozen CLIP tower once, into the "
         "feature cache that training runs and sweep jobs reuse. Takes the same overrides as train.py.",
-        epilog="examples: clipqa-cache experiment=demo | clipqa-cache data.root=D data.image_root=I image_tokens=cls",
+        epilog="examples: clipqa-cache experiment=demo | clipqa-cache sweep=mapper_depth experiment=demo | "
+        "clipqa-cache data.root=D data.image_root=I image_tokens=cls",
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value)")
-    parser.add_argument("-cd", "--config-dir", default=None, help="config folder (e.g. sweeps); default conf/")
-    parser.add_argument("-cn", "--config-name", default="config", help="config name (e.g. a sweep file)")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value; sweep=NAME)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        old = " ".join(unknown)
+        _fail(
+            "clipqa-cache",
+            f"unrecognized arguments: {old}. Name a sweep as an override, as for train.py: "
+            "clipqa-cache sweep=NAME [overrides] (conf/sweep/NAME.yaml; -cd/--config-dir and -cn are gone).",
+        )
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
-    folder = config_dir(args.config_dir) if args.config_dir else CONF_DIR
-    if not (CONF_DIR / "config.yaml").is_file() or not folder.is_dir():
-        _fail("clipqa-cache", f"cannot find the config folder {folder} (install clipqa with pip install -e).")
+    if not (CONF_DIR / "config.yaml").is_file():
+        _fail("clipqa-cache", f"cannot find the config folder {CONF_DIR} (install clipqa with pip install -e).")
     from hydra import compose, initialize_config_dir
 
     from clipqa.config import validate
@@ -52,11 +59,8 @@ def cache(argv: list[str] | None = None) -> None:
     from clipqa.training.schedule import resolve_phases
 
     try:
-        overrides = list(args.overrides)
-        if folder != CONF_DIR:
-            overrides.append(f"hydra.searchpath=[file://{CONF_DIR}]")
-        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
-            cfg = validate(compose(args.config_name, overrides=overrides))
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = validate(compose("config", overrides=list(args.overrides)))
         if not all(p.freeze["vision"] for p in resolve_phases(cfg)):
             raise ClipqaError("this config trains the vision tower, so its runs do not use the feature cache.")
         train_split, val_split, test_split, index = load_data(cfg)

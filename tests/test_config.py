@@ -1,10 +1,16 @@
-"""Every config file composes and passes the typed boundary; bad values fail at start-up naming the key."""
+"""Every config file composes and passes the typed boundary; bad values fail at start-up naming the key. A named
+sweep (conf/sweep/) also composes every value it sweeps."""
 
+import shutil
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from clipqa.config import validate
 from clipqa.errors import ClipqaError
@@ -21,14 +27,122 @@ def test_every_config_file_composes_and_validates(path: Path):
     overrides = [f"{group}={name}" if in_defaults else f"+{group}={name}"]
     if group == "data" and name == "cocoqa":
         overrides += ["data.root=x", "data.image_root=y"]
+    if group == "optuna_space":  # <sweep>_<backbone>.yaml, picked by conf/config.yaml's defaults list
+        overrides = optuna_space_overrides(name)
     cfg = validate(compose_cfg(overrides))
     assert path.read_text().startswith("#"), f"{path} needs a header comment: what it is for and the command"
     # The file's own values are what the run gets: none dropped, renamed, moved or overridden by its defaults.
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     own.pop("defaults", None)
+    own_hydra = own.pop("hydra", {})  # Hydra's keys: compared with the composed hydra config below
     package = "" if path.read_text().startswith("# @package _global_") else group
     on_command_line = {o.lstrip("+").split("=", 1)[0] for o in overrides[1:]}
+    if group == "optuna_space":
+        own_hydra, own = {"sweeper": {"params": own}}, {}
     assert_has_values(cfg, own, package, on_command_line)
+    if group in ("sweep", "optuna_space"):
+        hydra_cfg = check_sweep(CONF, overrides, name if group == "sweep" else None)
+        assert_subset(OmegaConf.to_container(hydra_cfg.hydra), own_hydra, "hydra")
+        if group == "optuna_space":
+            assert hydra_cfg.hydra.runtime.choices.optuna_space == name, "not picked by the defaults list"
+
+
+SWEEP_NAMES = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+
+
+def optuna_space_overrides(name: str) -> list[str]:
+    """conf/optuna_space/<sweep>_<backbone>.yaml: the sweep and backbone that pick it."""
+    sweep = max((s for s in SWEEP_NAMES if name.startswith(f"{s}_")), key=len, default=None)
+    assert sweep, f"conf/optuna_space/{name}.yaml: its name must be <sweep>_<backbone> (sweeps: {SWEEP_NAMES})"
+    return [f"sweep={sweep}", f"backbone={name[len(sweep) + 1 :]}"]
+
+
+def compose_in(conf: Path, overrides: list[str], hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+def swept_values(params) -> list[str]:
+    """One override per value a sweep can give a key: each of a grid's (a,b,c), choice(...) and range(...) values,
+    both ends of an interval(...)."""
+    overrides = []
+    for key, value in params.items():
+        (o,) = OverridesParser.create().parse_overrides([f"{key}={value}"])
+        v = o.value()
+        if isinstance(v, IntervalSweep):
+            values = [str(v.start), str(v.end)]
+        elif o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+        else:
+            values = [o.get_value_element_as_str()]
+        overrides += [f"{o.get_key_element()}={x}" for x in values]
+    return overrides
+
+
+def check_sweep(conf: Path, overrides: list[str], name: str | None) -> DictConfig:
+    """A named sweep (sweep=NAME, or the sweep an optuna_space file belongs to) is a multirun that sweeps something,
+    its header says what and the command, and every value it sweeps composes and validates, on COCO-QA's config
+    and the demo's. Returns the composed config with Hydra's keys."""
+    cfg = compose_in(conf, overrides, hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN, "a sweep file sets hydra.mode: MULTIRUN"
+    assert cfg.hydra.sweeper.params, "a sweep file sets hydra.sweeper.params"
+    if name is not None:
+        header = (conf / "sweep" / f"{name}.yaml").read_text().split("\ndefaults:")[0].split("\nhydra:")[0]
+        for needed in ("# @package _global_", "Question:", f"python train.py -m sweep={name}", "Cost", "Reading"):
+            assert needed in header, f"conf/sweep/{name}.yaml: its header comment needs {needed!r}"
+    for base in ([], ["experiment=demo"]):
+        params = compose_in(conf, [*overrides, *base], hydra=True).hydra.sweeper.params
+        for value in swept_values(params):
+            try:
+                validate(compose_in(conf, [*overrides, *base, value]))
+            except (HydraException, ClipqaError) as e:
+                raise AssertionError(f"{overrides + base}: the swept value {value} fails: {e}") from e
+    return cfg
+
+
+def assert_subset(got, expected, where: str) -> None:
+    """Every key of ``expected`` (Hydra's keys of a file) is in ``got`` with that value."""
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert isinstance(got, dict) and key in got, f"{where}.{key} is set in the file but not composed"
+            assert_subset(got[key], value, f"{where}.{key}")
+    else:
+        got = getattr(got, "name", got)  # hydra.mode: RunMode.MULTIRUN
+        assert got == expected, f"{where}: the file sets {expected!r}, the composed config has {got!r}"
+
+
+PARAMS = "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n"  # then the swept keys, 6 spaces in
+BROKEN_SWEEPS = {  # what is wrong: (the file after its header, what the failure names)
+    "a swept key that does not exist": (PARAMS + "      mapper.num_layer: 0,1\n", "mapper.num_layer=0"),
+    "a swept value the typed boundary refuses": (PARAMS + "      mapper.num_layers: 1,-1\n", "mapper.num_layers=-1"),
+    "an unknown group option swept": (PARAMS + "      optimizer: adam,adagradx\n", "adagradx"),
+    "an interval end the typed boundary refuses": (
+        PARAMS + "      optimizer.lr: tag(log, interval(-1, 1e-3))\n",
+        "optimizer.lr=-1",
+    ),
+    "a bad value of its own": ("trainer:\n  eval_every: often\n" + PARAMS + "      trainer.seed: 1,2\n", "eval_every"),
+    "an override of a group that does not exist": ("defaults:\n  - override /mapperr: mlp\n" + PARAMS, "mapperr"),
+    "no hydra.mode: MULTIRUN": ("hydra:\n  sweeper:\n    params:\n      trainer.seed: 1,2\n", "MULTIRUN"),
+    "nothing swept": ("hydra:\n  mode: MULTIRUN\n", "hydra.sweeper.params"),
+    "no header": (PARAMS + "      trainer.seed: 1,2\n", "Question:"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_SWEEPS)
+def test_a_broken_sweep_file_fails_the_check(broken, tmp_path):
+    """Bug caught: a sweep file whose jobs all die at start-up (a misspelt swept key, a value the typed boundary
+    refuses) passing the config tests, because only its base config was composed."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    body, named = BROKEN_SWEEPS[broken]
+    header = "# @package _global_\n"
+    if broken != "no header":
+        header += "# Question: q?\n#   python train.py -m sweep=broken\n# Cost: 2 runs. Reading: x.\n"
+    (conf / "sweep" / "broken.yaml").write_text(header + body)
+    with pytest.raises((AssertionError, HydraException, ClipqaError)) as e:
+        validate(compose_in(conf, ["sweep=broken"]))
+        check_sweep(conf, ["sweep=broken"], "broken")
+    assert named in str(e.value)
 
 
 def assert_has_values(cfg, expected, where: str, skip: set[str]) -> None:

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def sweep(tmp_path: Path, name: str, key: str, values: str) -> dict[str, dict]:
-    """Run ``sweeps/<name>.yaml`` on the demo with ``key=values``; each job's metrics.json by its value of ``key``."""
+    """Run ``sweep=<name>`` (conf/sweep/) on the demo with ``key=values``; each job's metrics.json by its ``key``."""
     r = run_cli(
-        "-cd", "sweeps", "-cn", name, "experiment=demo", "tracking=none", f"{key}={values}",
+        "-m", f"sweep={name}", "experiment=demo", "tracking=none", f"{key}={values}",
         f"hydra.sweep.dir={tmp_path}", timeout=1800,
     )  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

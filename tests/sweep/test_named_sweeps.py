@@ -1,7 +1,10 @@
-"""Named sweeps (sweeps/*.yaml) and the Optuna sweeper: composition (fast) and smoke runs on the demo (slow)."""
+"""Named sweeps (conf/sweep/*.yaml, ``python train.py -m sweep=NAME``), their deprecated ``-cd sweeps -cn NAME``
+alias (sweeps/*.yaml) and the Optuna sweeper: composition (fast) and smoke runs on the demo (slow). Every sweep file
+and every value it sweeps is composed by tests/test_config.py."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +17,20 @@ from clipqa.config import validate
 from clipqa.training.schedule import resolve_phases
 from tests.helpers.runs import CONF, ROOT, SMALL_DEMO, run_cli
 
-SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((CONF / "sweep").glob("*.yaml"))
+ALIASES = sorted((ROOT / "sweeps").glob("*.yaml"))
 # The small demo, smaller still (every sweep job trains), tracked: the sweeps' reports read MLflow.
 TINY = [*SMALL_DEMO, "tracking=mlflow", "data.synthetic.n_train=300", "data.synthetic.n_test=60"]
 
 
 def compose_sweep(name: str, overrides: list[str]):
+    """``python train.py -m sweep=NAME OVERRIDES``'s config, Hydra's keys included."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"sweep={name}", *overrides], return_hydra_config=True)
+
+
+def compose_alias(name: str, overrides: list[str]):
+    """``python train.py -cd sweeps -cn NAME OVERRIDES``'s config (train.py keeps conf/ on the search path)."""
     with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
         return compose(
             config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides], return_hydra_config=True
@@ -30,12 +41,38 @@ def compose_sweep(name: str, overrides: list[str]):
 def test_every_sweep_file_composes_with_a_header_and_sweeps_something(path: Path):
     cfg = compose_sweep(path.stem, ["experiment=demo"])
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
-    header = path.read_text().split("defaults:")[0]
-    assert "Question:" in header and "python train.py -cd sweeps -cn " + path.stem in header and "Cost" in header
+    header = path.read_text().split("defaults:")[0].split("\nhydra:")[0]
+    assert "Question:" in header and f"python train.py -m sweep={path.stem}" in header and "Cost" in header
     cfg_for_run = {k: v for k, v in cfg.items() if k != "hydra"}
     from omegaconf import OmegaConf
 
     validate(OmegaConf.create(cfg_for_run))
+
+
+def test_every_sweep_has_its_deprecated_alias_and_no_alias_is_left_without_a_sweep():
+    assert [p.stem for p in ALIASES] == [p.stem for p in SWEEPS]
+
+
+@pytest.mark.parametrize("path", ALIASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("overrides", [[], ["experiment=demo"], ["experiment=demo", "freeze=vision"]])
+def test_the_deprecated_alias_is_the_same_sweep_and_prints_the_new_command(path: Path, overrides, capsys):
+    """`-cd sweeps -cn NAME` (sweeps/NAME.yaml, a stub) gives exactly `sweep=NAME`'s run config and sweep, with the
+    command line still winning (freeze=vision over mapper_depth's freeze=text), and says the new command."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    old, new = compose_alias(path.stem, overrides), compose_sweep(path.stem, overrides)
+    job = {k: v for k, v in OmegaConf.to_container(old).items() if k != "hydra"}
+    assert job == {k: v for k, v in OmegaConf.to_container(new).items() if k != "hydra"}
+    assert old.hydra.sweeper == new.hydra.sweeper and old.hydra.mode == new.hydra.mode
+    callbacks = dict(old.hydra.callbacks)
+    alias = callbacks.pop("deprecated_alias")
+    assert callbacks == dict(new.hydra.callbacks)
+    instantiate(alias).on_multirun_start(old)
+    err = capsys.readouterr().err
+    given = [f"hydra.searchpath=[file://{CONF}]", *overrides]  # quoted for a shell where it needs it
+    expected = " ".join(["python train.py -m", f"sweep={path.stem}", *map(shlex.quote, given)])
+    assert f"`-cd sweeps -cn {path.stem}` is deprecated" in err and f"use: {expected}" in err
 
 
 @pytest.mark.parametrize(
@@ -122,10 +159,8 @@ def test_the_optuna_search_on_the_demo_brackets_the_demos_learning_rate(name):
 def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs, tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     r = run_cli(
-        "-cd",
-        "sweeps",
-        "-cn",
-        name,
+        "-m",
+        f"sweep={name}",
         *TINY,
         "trainer.max_steps=2",
         f"tracking.uri={uri}",
@@ -160,12 +195,29 @@ def test_every_named_sweep_runs_on_the_demo_from_another_directory(name, n_jobs,
         assert {1, 4} <= {FeatureStore(d).shape[0] for d in stores}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["-cd", "sweeps", "-cn", "seeds"], ["sweep=seeds"]], ids=["alias", "no -m"])
+def test_the_alias_and_a_sweep_without_dash_m_run_the_sweep(command, tmp_path):
+    """`-cd sweeps -cn seeds` from the project folder (Hydra resolves -cd against the working directory) runs the
+    sweep and says the new command first; `sweep=seeds` without -m is a multirun too (the file's hydra.mode)."""
+    r = run_cli(
+        *command,
+        *SMALL_DEMO,
+        "trainer.max_steps=1",
+        "hydra.sweeper.params={trainer.seed:1}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 1
+    deprecated = "`-cd sweeps -cn seeds` is deprecated and will be removed; use: python train.py -m sweep=seeds "
+    assert (deprecated in r.stderr) == (command[0] == "-cd"), r.stderr[-3000:]
+
+
 def optuna_cmd(tmp_path, n_trials: int, sweep: str, *extra: str) -> list[str]:
     return [
-        "-cd",
-        "sweeps",
-        "-cn",
-        "optuna",
+        "-m",
+        "sweep=optuna",
         *TINY,
         "trainer.max_steps=12",
         "trainer.eval_every=3",
@@ -259,3 +311,20 @@ def test_failed_trials_are_recorded_and_all_failing_exits_non_zero(tmp_path):
     experiment = client.get_experiment_by_name("clipqa").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`clipqa.sweep` = 'true'")
     assert parent.info.status == "FAILED" and "all 2 trials failed" in parent.data.tags["clipqa.error"]
+
+
+def test_clipqa_cache_takes_a_sweep_as_an_override_and_names_it_for_the_old_flags(capsys):
+    """`clipqa-cache sweep=NAME [overrides]` composes the sweep's base config as train.py does (here refused before
+    any build: freeze=none trains the vision tower); the gone `-cd sweeps -cn NAME` says what to type instead."""
+    from clipqa import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.cache(["sweep=seeds", *SMALL_DEMO, "freeze=none"])
+    assert exit_.value.code == 2 and "trains the vision tower" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.cache(["sweep=no_such_sweep", *SMALL_DEMO])
+    assert exit_.value.code == 2 and "no_such_sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.cache(["-cd", "sweeps", "-cn", "paper", *SMALL_DEMO])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "clipqa-cache sweep=NAME [overrides]" in err and err.count("\n") == 1

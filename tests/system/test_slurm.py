@@ -4,7 +4,7 @@ with the
 sweep's report; a job preempted (`scontrol requeue`: SIGTERM, SLURM requeues) and warned of its time limit (USR2:
 submitit requeues) continues from its checkpoint in the same MLflow run, ending with the uninterrupted metrics; a
 sweep whose submitting process died is re-submitted and only its unfinished jobs train; a failing job is FAILED in
-MLflow and the submitting command says why; an Optuna study (sweeps/optuna.yaml) runs its trials as SLURM jobs.
+MLflow and the submitting command says why; an Optuna study (sweep=optuna) runs its trials as SLURM jobs.
 
 Each job is checked through SLURM's own record (the cluster's jobcomp log: job ids, states, exit codes)."""
 
@@ -269,7 +269,7 @@ def test_an_optuna_study_runs_its_trials_as_slurm_jobs(slurm_cluster, tmp_path):
     import optuna
 
     sweep, log, storage = tmp_path / "sweep", tmp_path / "submit.log", f"sqlite:///{tmp_path / 'optuna.db'}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "-cd", "sweeps", "-cn", "optuna", *SLURM, *SMALL_DEMO]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "sweep=optuna", *SLURM, *SMALL_DEMO]
     cmd += [*tracked(tmp_path, "o"), "trainer.max_steps=12", "trainer.eval_every=4"]
     cmd += ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", f"hydra.sweeper.storage={storage}"]
     cmd += ["hydra.sweeper.study_name=s", f"hydra.sweep.dir={sweep}"]
