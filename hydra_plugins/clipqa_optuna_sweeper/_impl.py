@@ -93,7 +93,7 @@ class OptunaSweeperImpl(Sweeper):
     def _sweep(self, arguments: list[str]) -> Any:
         dirs = self._directions()
         self._hook_defaults(dirs)  # 1. the host's defaults for what the user left null
-        names, custom = self._settings(dirs)  # 2. every setting checked before the storage is touched
+        names, custom = self._settings(dirs)  # 2. the settings checked before the storage is touched
         url, storage, where = self._open_storage()  # 3. the storage, then the study in it
         space = search_space(self.params, arguments)
         study = self._study(storage, where, dirs, space.distributions)
@@ -124,7 +124,7 @@ class OptunaSweeperImpl(Sweeper):
     def _hook_defaults(self, dirs: list[str]) -> None:
         """storage, study_name, metric_names left null: the first hook that gives one sets it."""
         for hook in self.hooks:
-            given = hook.defaults(self.config, dirs) if hasattr(hook, "defaults") else {}
+            given = (hook.defaults(self.config, dirs) if hasattr(hook, "defaults") else None) or {}
             if self.storage_url is None and given.get("storage") is not None:
                 self.storage_url = str(given["storage"])
             if self.study_name is None and given.get("study_name") is not None:
