@@ -40,12 +40,7 @@ def cache(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (key=value; sweep=NAME)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        old = " ".join(unknown)
-        _fail(
-            "clipqa-cache",
-            f"unrecognized arguments: {old}. Name a sweep as an override, as for train.py: "
-            "clipqa-cache sweep=NAME [overrides] (conf/sweep/NAME.yaml; -cd/--config-dir and -cn are gone).",
-        )
+        _fail("clipqa-cache", _old_config_flags(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
     if not (CONF_DIR / "config.yaml").is_file():
@@ -79,6 +74,23 @@ def cache(argv: list[str] | None = None) -> None:
         f"{store.shape[0]} tokens x {store.shape[1]} ({store.dtype}) each\n"
         f"  size {store.nbytes() / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.1f} s"
     )
+
+
+def _old_config_flags(argv: list[str]) -> str:
+    """The error for flags clipqa-cache does not take; for the gone ``-cd DIR -cn NAME``, the command to type now."""
+    rest, sweep, flags = [], None, {"-cd", "--config-dir", "-cn", "--config-name"}
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in flags:
+            value = value if eq else next(args, "")
+            sweep = value if flag in ("-cn", "--config-name") else sweep
+        elif arg.startswith("-"):
+            return f"unrecognized argument {arg} (clipqa-cache takes Hydra overrides only, as train.py does)."
+        else:
+            rest.append(arg)
+    new = " ".join(["clipqa-cache", *([f"sweep={sweep}"] if sweep else []), *rest])
+    return f"-cd/--config-dir and -cn are gone: a named sweep is an override, as for train.py. Use: {new}"
 
 
 def report(argv: list[str] | None = None) -> None:
