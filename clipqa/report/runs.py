@@ -1,5 +1,11 @@
 """From MLflow runs to the report's rows: which runs are in the report, which row (variant) each belongs to, and
-each row's means and intervals (runs of one variant that differ only by seed are aggregated)."""
+each row's means and intervals (runs of one variant that differ only by seed are aggregated).
+
+A row is named by what the user chose: the paper's version name (V1..V4), else the run's swept Hydra overrides
+(``freeze=staged``, ``optimizer=adamw,optimizer.lr=0.001``: those that differ between the runs, read from the tag
+``clipqa.overrides``), else, for runs not started with overrides, the config values that differ between the runs
+(``freeze.text=True,...``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import statistics
 
 from clipqa.metrics import N_TEST_EVALUATED, TEST_ACC, TEST_PRIOR_ACC, TYPE_NAMES, VAL_ACC, WUPS_THRESHOLDS, wups_key
 from clipqa.report.statistics import T975, wilson
-from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES
+from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES, OVERRIDES_TAG, override_key, overrides_from_tag
 
 # CLIQQA (Abbo), Table 1: accuracy on 80 test questions (10 shuffled batches of 8).
 PAPER = {"V1": 0.288, "V2": 0.513, "V3": 0.550, "V4": 0.625}
@@ -46,6 +52,39 @@ def variant_label(run, keys: list[str]) -> str:
     return "same config"
 
 
+def swept_keys(overrides: list[list[str]]) -> set[str]:
+    """The override keys whose override differs between the runs (another value, or set in only some of them),
+    ignoring seeds (aggregated) and output locations: the keys the sweep varied."""
+    by_key = [{override_key(o): o for o in run} for run in overrides]
+    keys = set().union(*by_key) if by_key else set()
+    return {
+        k
+        for k in keys
+        if not k.startswith(NOT_VARIANT_PREFIXES + NOT_VARIANT) and len({run.get(k) for run in by_key}) > 1
+    }
+
+
+def variant_labels(runs: list) -> dict[str, str]:
+    """Run id -> the row it belongs to (see the module's docstring). Runs started with overrides are named by their
+    swept ones (``defaults`` when they set none of them); a run without recorded overrides by the config values
+    that differ. Override names are used only when they keep runs of different configs apart: two runs that
+    differ in config but share a label (say two sweeps reported together) get the config-value names instead."""
+    keys = variant_keys(runs)
+    by_config = {r.info.run_id: variant_label(r, keys) for r in runs}
+    overrides = {r.info.run_id: overrides_from_tag(r.data.tags.get(OVERRIDES_TAG)) for r in runs}
+    overrides = {rid: o for rid, o in overrides.items() if o}
+    swept = swept_keys(list(overrides.values()))
+    if not swept:  # one run, a seeds sweep, or runs not started from Hydra's command line
+        return by_config
+    named = {rid: ",".join(o for o in ovs if override_key(o) in swept) or "defaults" for rid, ovs in overrides.items()}
+    configs: dict[str, set[str]] = {}
+    for rid, label in named.items():
+        configs.setdefault(label, set()).add(by_config[rid])
+    if any(len(c) > 1 for c in configs.values()):
+        return by_config
+    return {rid: by_config[rid] if rid not in named or by_config[rid] in PAPER else named[rid] for rid in by_config}
+
+
 def _mean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return statistics.fmean(xs) if xs else None
@@ -57,11 +96,11 @@ def seed_of(run) -> str | None:
 
 def summarise(runs: list) -> list[dict]:
     """Group finished runs by variant; one dict per variant with means, intervals and bookkeeping."""
-    keys = variant_keys(runs)
+    labels = variant_labels(runs)
+    single = len(runs) == 1 and not variant_keys(runs) and runs[0].info.run_name is not None
     groups: dict[str, list] = {}
     for r in runs:  # (a single run, e.g. the one job of a sweep that finished, is named as in MLflow)
-        label = variant_label(r, keys) if keys or len(runs) > 1 or r.info.run_name is None else r.info.run_name
-        groups.setdefault(label, []).append(r)
+        groups.setdefault(r.info.run_name if single else labels[r.info.run_id], []).append(r)
     rows = []
     for label, members in groups.items():
         m = [r.data.metrics for r in members]

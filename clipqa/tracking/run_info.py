@@ -15,6 +15,7 @@ from pathlib import Path
 from clipqa.paths import PROJECT_DIR
 
 PARENT_FILE = ".clipqa_mlflow_parent.json"  # in the sweep folder: how jobs find their parent run
+OVERRIDES_TAG = "clipqa.overrides"  # a run's Hydra overrides, space-separated; "(none)" without any
 # Keys that never name a variant: where things are written, not what is trained.
 NOT_VARIANT_PREFIXES = ("hydra.", "tracking.", "paths.", "optuna.", "trainer.num_workers", "trainer.save_checkpoint")
 
@@ -49,6 +50,33 @@ def hydra_run_info() -> RunInfo:
 def override_key(override: str) -> str:
     """``+mapper.num_layers=2`` -> ``mapper.num_layers``."""
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def overrides_tag(overrides: list[str]) -> str:
+    """The value of the run's :data:`OVERRIDES_TAG`: Hydra's override strings, space-separated."""
+    return " ".join(overrides) or "(none)"
+
+
+def overrides_from_tag(text: str | None) -> list[str]:
+    """The override strings back from an :data:`OVERRIDES_TAG` value (``[]`` for none): split at the spaces between
+    overrides, not at those inside brackets or quotes (``trainer.length_buckets=[16, 32]``)."""
+    if not text or text == "(none)":
+        return []
+    out, current, depth, quote = [], "", 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == " " and depth <= 0:
+            out, current = ([*out, current] if current else out), ""
+            continue
+        current += ch
+    return [*out, current] if current else out
 
 
 def run_name(info: RunInfo, swept: list[str] | None = None) -> str:

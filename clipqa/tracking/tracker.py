@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipqa.tracking.interrupts import ctrl_c_after
 from clipqa.tracking.pending import PENDING_FILE, encode_op
 from clipqa.tracking.preflight import fail_fast_http, first_use_lock, get_or_create_experiment, server_errors
-from clipqa.tracking.run_info import RunInfo, git_commit, read_parent, run_name
+from clipqa.tracking.run_info import OVERRIDES_TAG, RunInfo, git_commit, overrides_tag, read_parent, run_name
 from clipqa.tracking.uris import resolve_uri, without_credentials
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def make_tracker(cfg: DictConfig, info: RunInfo, run_id: str | None = None) -> T
     if run_id is not None:
         return MlflowTracker(uri, t.experiment, "", {}, run_id=run_id)
     parent = read_parent(info.sweep_dir) if info.multirun else None
-    tags = {"clipqa.overrides": " ".join(info.overrides) or "(none)"}
+    tags = {OVERRIDES_TAG: overrides_tag(info.overrides)}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     if info.multirun:
