@@ -50,7 +50,7 @@ def small_demo_cfg(cache_dir):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, cache_dir) -> tuple[DictConfig, Path, dict]:
-    """One short demo run (SMALL_DEMO_RUN: 4 epochs x 29 steps, about 20 s on 2 cores) for the whole session:
+    """One short demo run (SMALL_DEMO_RUN: 2 epochs x 29 steps, about 10 s on 2 cores) for the whole session:
     (its config, its run folder, the metrics train() returned). Shared by the tests of the files a run leaves
     (tests/training/test_run.py), of its best.pt (tests/training/test_checkpoint.py) and of the tools that use a
     trained model (tests/inference/test_trained.py). Read it, never write into its folder."""

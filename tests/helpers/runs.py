@@ -21,9 +21,9 @@ CONF = ROOT / "conf"
 # A small, fast demo (conf/experiment/smoke.yaml): 1000 train / 200 test questions, tiny models, 2 epochs,
 # no DataLoader workers, no tracking.
 SMALL_DEMO = ["experiment=smoke"]
-# The session's short demo run (the `demo_run` fixture): 4 epochs x 29 steps, validated every 20 steps and at each
-# epoch end; long enough to beat the answer prior clearly.
-SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.epochs=4", "trainer.eval_every=20"]
+# The session's short demo run (the `demo_run` fixture): the smoke run's 2 epochs x 29 steps, validated every 20
+# steps and at each epoch end; it beats the answer prior by ~0.4 (test/acc 0.62, prior 0.225).
+SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.eval_every=20"]
 # The metrics.json keys other tools read (the sweep objective, clipqa-report, MLflow).
 INTERFACE_KEYS = [TEST_ACC, VAL_ACC, TEST_PRIOR_ACC] + [f"{TEST_ACC}/{t}" for t in TYPE_NAMES.values()]
 
