@@ -52,8 +52,9 @@ def small_demo_cfg(cache_dir):
 def demo_run(tmp_path_factory, cache_dir) -> tuple[DictConfig, Path, dict]:
     """One short demo run (SMALL_DEMO_RUN: 2 epochs x 29 steps, about 10 s on 2 cores) for the whole session:
     (its config, its run folder, the metrics train() returned). Shared by the tests of the files a run leaves
-    (tests/training/test_run.py), of its best.pt (tests/training/test_checkpoint.py) and of the tools that use a
-    trained model (tests/inference/test_trained.py). Read it, never write into its folder."""
+    (tests/training/test_run.py), of its best.pt (tests/training/test_checkpoint.py), of the tools that use a
+    trained model (tests/inference/test_trained.py), and the uninterrupted reference of the crash and resume test
+    (tests/training/test_resume.py). Read it, never write into its folder."""
     from clipqa.training.run import train
 
     out = tmp_path_factory.mktemp("demo-run")

@@ -21,9 +21,10 @@ CONF = ROOT / "conf"
 # A small, fast demo (conf/experiment/smoke.yaml): 1000 train / 200 test questions, tiny models, 2 epochs,
 # no DataLoader workers, no tracking.
 SMALL_DEMO = ["experiment=smoke"]
-# The session's short demo run (the `demo_run` fixture): the smoke run's 2 epochs x 29 steps, validated every 20
-# steps and at each epoch end; it beats the answer prior by ~0.4 (test/acc 0.62, prior 0.225).
-SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.eval_every=20"]
+# The session's short demo run (the `demo_run` fixture): the smoke run's 2 epochs x 29 steps, validated every 10
+# steps and at each epoch end, a resume checkpoint every 7 steps; it is also the uninterrupted reference of the crash
+# and resume test (tests/training/test_resume.py).
+SMALL_DEMO_RUN = [*SMALL_DEMO, "trainer.eval_every=10", "trainer.checkpoint_every=7"]
 # The metrics.json keys other tools read (the sweep objective, clipqa-report, MLflow).
 INTERFACE_KEYS = [TEST_ACC, VAL_ACC, TEST_PRIOR_ACC] + [f"{TEST_ACC}/{t}" for t in TYPE_NAMES.values()]
 

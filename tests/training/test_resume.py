@@ -10,19 +10,20 @@ import time
 import pytest
 
 from clipqa.training.run import train
-from tests.helpers.runs import ROOT, SMALL_DEMO, compose_cfg
+from tests.helpers.runs import ROOT, SMALL_DEMO_RUN, compose_cfg
 
 TIMING = ("train/seconds", "train/examples_per_s")
-RUN = [*SMALL_DEMO, "trainer.eval_every=10", "trainer.checkpoint_every=7"]  # 2 epochs x 29 steps
+RUN = SMALL_DEMO_RUN  # 2 epochs x 29 steps, validated every 10, a checkpoint every 7: the session's demo_run
 
 
 def same(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
 
 
-def test_a_crashed_run_resumes_from_its_checkpoint_with_identical_metrics(tmp_path, cache_dir):
+def test_a_crashed_run_resumes_from_its_checkpoint_with_identical_metrics(demo_run, tmp_path, cache_dir):
     cfg = compose_cfg(RUN, cache_dir)
-    reference = train(cfg, tmp_path / "reference")
+    assert cfg == demo_run[0]
+    reference = demo_run[2]  # the same config, run uninterrupted (tests/conftest.py)
 
     def crash_at_step_40(val_acc, step):
         if step == 40:
