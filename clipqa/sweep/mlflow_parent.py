@@ -72,7 +72,7 @@ class MlflowSweepCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)
         swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
-        swept += [override_key(k) for k in (config.hydra.sweeper.get("params") or {})]  # sweeps/*.yaml, Optuna
+        swept += [override_key(k) for k in (config.hydra.sweeper.get("params") or {})]  # conf/sweep/*.yaml, Optuna
         uri = resolve_uri(config.tracking.uri)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         existing = read_parent(str(sweep_dir))

@@ -146,7 +146,7 @@ def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
 
 
 def test_runs_that_differ_only_by_seed_are_one_row(tmp_path):
-    """sweeps/seeds.yaml: nothing but trainer.seed varies, so every run is one variant (n=3), whatever its name."""
+    """conf/sweep/seeds.yaml: nothing but trainer.seed varies, so every run is one variant (n=3), whatever its name."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(uri)
     exp = c.create_experiment("s")
