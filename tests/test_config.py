@@ -1,6 +1,7 @@
 """Every config file composes and passes the typed boundary; bad values fail at start-up naming the key. A named
 sweep (conf/sweep/) also composes every value it sweeps."""
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -94,10 +95,17 @@ def check_sweep(conf: Path, overrides: list[str], name: str | None) -> DictConfi
         params = compose_in(conf, [*overrides, *base], hydra=True).hydra.sweeper.params
         for value in swept_values(params):
             try:
-                validate(compose_in(conf, [*overrides, *base, value]))
+                composes_and_validates(conf, (*overrides, *base, value))
             except (HydraException, ClipqaError) as e:
                 raise AssertionError(f"{overrides + base}: the swept value {value} fails: {e}") from e
     return cfg
+
+
+@functools.cache
+def composes_and_validates(conf: Path, overrides: tuple[str, ...]) -> None:
+    """Compose and validate once per (conf folder, overrides): an optuna_space file's check repeats its sweep's
+    values, and a composition costs ~0.1 s (the fast tier's budget is shared by every test)."""
+    validate(compose_in(conf, list(overrides)))
 
 
 def assert_subset(got, expected, where: str) -> None:

@@ -129,3 +129,14 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
     graph = import_graph(tmp_path)
     assert find_cycle(graph) in (["errors", "models.model", "errors"], ["models.model", "errors", "models.model"])
     assert any(floor(dep) > floor(m) for m, deps in graph.items() for dep in deps)
+
+
+@pytest.mark.parametrize("package", ["data", "models", "evaluation", "training"])
+def test_model_and_loop_code_never_import_mlflow(package):
+    """Tracking goes through clipqa.tracking (the loop sees a Tracker): a direct mlflow call in the loop or the model
+    would bypass its queued writes, outage handling and credential scrubbing."""
+    for path in sorted((ROOT / "clipqa" / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not any(n.split(".")[0] == "mlflow" for n in names), f"{path.relative_to(ROOT)} imports mlflow"
