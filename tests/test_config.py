@@ -1,5 +1,5 @@
 """Every config file composes and passes the typed boundary; bad values fail at start-up naming the key. A named
-sweep (conf/sweep/) also composes every value it sweeps."""
+sweep (conf/sweep/) also composes every value it sweeps (slow tier: ~100 compositions)."""
 
 import functools
 import shutil
@@ -42,7 +42,7 @@ def test_every_config_file_composes_and_validates(path: Path):
         own_hydra, own = {"sweeper": {"params": own}}, {}
     assert_has_values(cfg, own, package, on_command_line)
     if group in ("sweep", "optuna_space"):
-        hydra_cfg = check_sweep(CONF, overrides, name if group == "sweep" else None)
+        hydra_cfg = check_sweep(CONF, overrides, name if group == "sweep" else None, values=False)
         assert_subset(OmegaConf.to_container(hydra_cfg.hydra), own_hydra, "hydra")
         if group == "optuna_space":
             assert hydra_cfg.hydra.runtime.choices.optuna_space == name, "not picked by the defaults list"
@@ -80,10 +80,10 @@ def swept_values(params) -> list[str]:
     return overrides
 
 
-def check_sweep(conf: Path, overrides: list[str], name: str | None) -> DictConfig:
+def check_sweep(conf: Path, overrides: list[str], name: str | None, values: bool = True) -> DictConfig:
     """A named sweep (sweep=NAME, or the sweep an optuna_space file belongs to) is a multirun that sweeps something,
-    its header says what and the command, and every value it sweeps composes and validates, on COCO-QA's config
-    and the demo's. Returns the composed config with Hydra's keys."""
+    its header says what and the command, and (``values``) every value it sweeps composes and validates, on
+    COCO-QA's config and the demo's. Returns the composed config with Hydra's keys."""
     cfg = compose_in(conf, overrides, hydra=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN, "a sweep file sets hydra.mode: MULTIRUN"
     assert cfg.hydra.sweeper.params, "a sweep file sets hydra.sweeper.params"
@@ -91,7 +91,7 @@ def check_sweep(conf: Path, overrides: list[str], name: str | None) -> DictConfi
         header = (conf / "sweep" / f"{name}.yaml").read_text().split("\ndefaults:")[0].split("\nhydra:")[0]
         for needed in ("# @package _global_", "Question:", f"python train.py -m sweep={name}", "Cost", "Reading"):
             assert needed in header, f"conf/sweep/{name}.yaml: its header comment needs {needed!r}"
-    for base in ([], ["experiment=demo"]):
+    for base in ([], ["experiment=demo"]) if values else ():
         params = compose_in(conf, [*overrides, *base], hydra=True).hydra.sweeper.params
         for value in swept_values(params):
             try:
@@ -99,6 +99,20 @@ def check_sweep(conf: Path, overrides: list[str], name: str | None) -> DictConfi
             except (HydraException, ClipqaError) as e:
                 raise AssertionError(f"{overrides + base}: the swept value {value} fails: {e}") from e
     return cfg
+
+
+SWEEP_FILES = sorted(p for p in GROUP_FILES if p.parent.name in ("sweep", "optuna_space"))
+
+
+@pytest.mark.slow  # ~100 compositions (~20 s): the fast tier composes each sweep file, this every value it sweeps
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_value_a_sweep_sweeps_composes_and_validates(path: Path):
+    """Bug caught: a sweep whose jobs all die at start-up (a misspelt swept key, a value the typed boundary refuses,
+    an interval end out of range) passing, because only its base config was composed."""
+    if path.parent.name == "sweep":
+        check_sweep(CONF, [f"sweep={path.stem}"], path.stem)
+    else:
+        check_sweep(CONF, optuna_space_overrides(path.stem), None)
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import pytest
 
 from clipqa import cli
 from clipqa.training.run import train
-from tests.helpers.runs import SMALL_DEMO, compose_cfg
+from tests.helpers.runs import SMALL_DEMO, compose_cfg, mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_a_tracked_run_is_usable_through_mlflow_uris_and_as_an_mlflow_model(tmp_
     import mlflow
     import pandas as pd
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     overrides = [*SMALL_DEMO, "tracking=mlflow", f"tracking.uri={uri}", "tracking.register_as=smoke-qa"]
     metrics = train(compose_cfg(overrides, cache_dir), tmp_path / "run")
     run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()

@@ -13,6 +13,7 @@ from clipqa.errors import ClipqaError
 from clipqa.report.comparison import make_report
 from clipqa.report.paired import mcnemar_counts, read_correctness
 from clipqa.report.statistics import holm, mcnemar_exact, paired_difference, t_two_sided_p, wilson
+from tests.helpers.runs import mlflow_store
 
 TYPES = ["object", "number", "color", "location"]
 
@@ -113,7 +114,7 @@ def test_wilson_interval_brackets_the_accuracy():
 
 # ---- reports from MLflow runs -----------------------------------------------------------------------------------
 def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("r")
     for layers, seed, acc in [(0, 1, 0.30), (0, 2, 0.34), (2, 1, 0.50), (2, 2, 0.54), (2, 3, 0.52)]:
@@ -147,7 +148,7 @@ def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
 
 def test_runs_that_differ_only_by_seed_are_one_row(tmp_path):
     """conf/sweep/seeds.yaml: nothing but trainer.seed varies, so every run is one variant (n=3), whatever its name."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("s")
     for seed, acc in [(1, 0.50), (2, 0.54), (3, 0.52)]:
@@ -159,7 +160,7 @@ def test_runs_that_differ_only_by_seed_are_one_row(tmp_path):
 
 def test_paper_report_compares_every_version_with_v1_paired_with_holm(tmp_path):
     """V1..V4 with known per-question correctness over 60 questions; b/c, p and Holm worked out by hand."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("p")
     parent = c.create_run(exp, run_name="sweep: paper", tags={"clipqa.sweep": "true"}).info.run_id
@@ -216,7 +217,7 @@ def test_paper_report_compares_every_version_with_v1_paired_with_holm(tmp_path):
 
 
 def test_report_without_matching_runs_is_a_clear_error(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     MlflowClient(uri).create_experiment("empty")
     with pytest.raises(ClipqaError, match="No finished runs"):
         make_report(uri, tmp_path / "rep", experiment="empty")

@@ -6,6 +6,7 @@ import json
 from mlflow.tracking import MlflowClient
 
 from clipqa.report.comparison import make_report
+from tests.helpers.runs import mlflow_store
 from tests.report.test_comparison import fake_run, main_table
 
 # What a freeze sweep's jobs log as params: the raw difference the report once named its rows by.
@@ -21,7 +22,7 @@ def report_rows(uri: str, out, parent: str | None = None) -> list[str]:
 def test_a_freeze_sweep_is_reported_by_its_swept_overrides(tmp_path):
     """``python train.py -m sweep=freeze experiment=demo`` with two seeds: rows freeze=staged and freeze=text, not
     ``freeze.text=True,...,trainer.phases=[...]``; the override shared by every job and the seed are not shown."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("e")
     parent = c.create_run(exp, run_name="sweep: experiment=demo", tags={"clipqa.sweep": "true"}).info.run_id
@@ -41,7 +42,7 @@ def test_a_freeze_sweep_is_reported_by_its_swept_overrides(tmp_path):
 def test_several_swept_overrides_keep_their_command_line_order(tmp_path):
     """An optimizer sweep: the group override and its key override, as Hydra wrote them; a list value with a space
     in it stays one override."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("e")
     for opt, lr, acc in [("adamw", "0.001", 0.5), ("adam", "0.0001", 0.4)]:
@@ -57,7 +58,7 @@ def test_several_swept_overrides_keep_their_command_line_order(tmp_path):
 def test_runs_without_overrides_fall_back_to_the_config_difference(tmp_path):
     """A run trained by calling ``train(cfg)`` (no Hydra command line: tag ``(none)``, or no tag at all) is named by
     the config values that differ, beside the runs named by their overrides."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("e")
     fake_run(c, exp, "freeze=text", {"mapper.num_layers": "1", "freeze.text": "True"}, 0.4,
@@ -81,7 +82,7 @@ def test_override_names_that_would_merge_different_configs_are_not_used(tmp_path
     """Runs of two sweeps reported together, the YAML defaults changed in between: both have freeze=text but
     different mapper depths. Named by overrides they would share a row, so the rows are named by the config
     difference."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
     exp = c.create_experiment("e")
     for layers, freeze, acc in [("1", "text", 0.4), ("1", "none", 0.5), ("2", "text", 0.6)]:

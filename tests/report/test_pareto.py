@@ -4,10 +4,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from clipqa.report.comparison import make_report
+from tests.helpers.runs import mlflow_store
 
 
 def test_the_report_of_a_two_objective_study_lists_its_pareto_front(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("front", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, run_name="sweep", tags={"clipqa.sweep": "true"}).info.run_id

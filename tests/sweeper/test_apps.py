@@ -21,6 +21,10 @@ from optuna.trial import TrialState
 
 from tests.helpers.runs import ROOT
 
+# Slow tier: eleven whole sweeps (subprocesses, ~15 s together on 2 cores). The fast tier keeps the plugin's parts
+# (tests/sweeper/test_parts.py) and its import scan (tests/sweeper/test_standalone.py).
+pytestmark = pytest.mark.slow
+
 APPS = ROOT / "tests" / "sweeper" / "apps"
 NO_CLIPQA = ROOT / "tests" / "sweeper" / "no_clipqa"  # its sitecustomize.py makes `import clipqa` fail
 BLOCKED = "import of clipqa blocked"

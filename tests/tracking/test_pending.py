@@ -9,10 +9,11 @@ from clipqa import cli
 from clipqa.tracking.pending import PENDING_FILE
 from clipqa.tracking.tracker import MlflowTracker
 from clipqa.tracking.uris import without_credentials
+from tests.helpers.runs import mlflow_store
 
 
 def test_unwritten_mlflow_writes_are_kept_as_json_and_uploaded_by_clipqa_sync(tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     t = MlflowTracker(uri, "p", "offline", {})
     t.RETRY_AFTER_S = 0.0
     (tmp_path / "curve.txt").write_text("a file to upload")

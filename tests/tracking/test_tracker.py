@@ -17,7 +17,7 @@ from clipqa.tracking.run_info import RunInfo, run_name
 from clipqa.tracking.tracker import MlflowTracker, flatten
 from clipqa.tracking.uris import resolve_uri
 from clipqa.training.run import train
-from tests.helpers.runs import ROOT, SMALL_DEMO, compose_cfg
+from tests.helpers.runs import ROOT, SMALL_DEMO, compose_cfg, mlflow_store
 
 
 def test_run_names_come_from_the_overrides_never_random():
@@ -84,7 +84,7 @@ def test_a_refused_login_or_permission_becomes_one_clear_error(monkeypatch, code
 
 
 def tracked(tmp_path, *extra):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     cfg = compose_cfg([*SMALL_DEMO, "tracking=mlflow", f"tracking.uri={uri}", "tracking.experiment=t", *extra])
     return cfg, MlflowClient(uri)
 
@@ -149,7 +149,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sigint_marks_the_run_killed(tmp_path):
     """Ctrl-C on `python train.py` itself, mid-training (test_ctrl_c_marks_the_run_killed raises it in-process)."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     args = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -190,7 +190,7 @@ def test_tracking_none_writes_no_store(tmp_path):
 
 
 def test_overlong_param_values_are_truncated_not_fatal(tmp_path):
-    t = MlflowTracker(f"sqlite:///{tmp_path / 'm.db'}", "t", "long", {})
+    t = MlflowTracker(mlflow_store(tmp_path), "t", "long", {})
     t.log_params({"data.root": "x" * 7000, "ok": 1})
     t.finish()
     run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(t.run_id)
@@ -200,7 +200,7 @@ def test_overlong_param_values_are_truncated_not_fatal(tmp_path):
 def test_ctrl_c_during_an_mlflow_write_waits_for_the_write_then_marks_the_run_killed(tmp_path):
     """A Ctrl-C that lands inside a write is raised after it: no half-done transaction locks the store, and the
     KILLED status is written at once (before, that last write could wait minutes on SQLite's lock)."""
-    t = MlflowTracker(f"sqlite:///{tmp_path / 'm.db'}", "t", "interrupted", {})
+    t = MlflowTracker(mlflow_store(tmp_path), "t", "interrupted", {})
     real, finished = t.client.log_batch, []
 
     def write_hit_by_ctrl_c(*args, **kwargs):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from clipqa.training.run import train
-from tests.helpers.runs import ROOT, SMALL_DEMO_RUN, compose_cfg
+from tests.helpers.runs import ROOT, SMALL_DEMO_RUN, compose_cfg, mlflow_store
 
 TIMING = ("train/seconds", "train/examples_per_s")
 RUN = SMALL_DEMO_RUN  # 2 epochs x 29 steps, validated every 10, a checkpoint every 7: the session's demo_run
@@ -75,7 +75,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(tmp_path, cac
 def test_killed_or_preempted_run_resumes_to_the_same_metrics(sig, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path)
     args = [
         *RUN,
         "trainer.epochs=4",
@@ -122,7 +122,7 @@ def test_killed_or_preempted_run_resumes_to_the_same_metrics(sig, tmp_path):
 def test_rerunning_a_stopped_sweep_runs_only_the_missing_jobs(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    sweep, uri = tmp_path / "sweep", f"sqlite:///{tmp_path / 'm.db'}"
+    sweep, uri = tmp_path / "sweep", mlflow_store(tmp_path)
     args = [sys.executable, str(ROOT / "train.py"), "-m", *RUN, "trainer.seed=1,2,3,4", "trainer.max_steps=8"]
     args += ["tracking=mlflow", f"tracking.uri={uri}", "tracking.experiment=sw", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
