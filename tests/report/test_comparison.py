@@ -116,7 +116,7 @@ def test_wilson_interval_brackets_the_accuracy():
 def test_report_aggregates_seeds_and_keeps_one_row_per_variant(tmp_path):
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("r")
+    exp = c.create_experiment("r", artifact_location=(tmp_path / "art").as_uri())
     for layers, seed, acc in [(0, 1, 0.30), (0, 2, 0.34), (2, 1, 0.50), (2, 2, 0.54), (2, 3, 0.52)]:
         fake_run(
             c,
@@ -150,7 +150,7 @@ def test_runs_that_differ_only_by_seed_are_one_row(tmp_path):
     """conf/sweep/seeds.yaml: nothing but trainer.seed varies, so every run is one variant (n=3), whatever its name."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("s")
+    exp = c.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
     for seed, acc in [(1, 0.50), (2, 0.54), (3, 0.52)]:
         fake_run(c, exp, f"trainer.seed={seed}", {"mapper.num_layers": 1, "trainer.seed": seed}, acc)
     rows = main_table(make_report(uri, tmp_path / "rep", experiment="s").read_text())
@@ -162,7 +162,7 @@ def test_paper_report_compares_every_version_with_v1_paired_with_holm(tmp_path):
     """V1..V4 with known per-question correctness over 60 questions; b/c, p and Holm worked out by hand."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("p")
+    exp = c.create_experiment("p", artifact_location=(tmp_path / "art").as_uri())
     parent = c.create_run(exp, run_name="sweep: paper", tags={"clipqa.sweep": "true"}).info.run_id
     n = 60
     v1 = [i < 20 for i in range(n)]  # 20 right

@@ -24,7 +24,7 @@ def test_a_freeze_sweep_is_reported_by_its_swept_overrides(tmp_path):
     ``freeze.text=True,...,trainer.phases=[...]``; the override shared by every job and the seed are not shown."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("e")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     parent = c.create_run(exp, run_name="sweep: experiment=demo", tags={"clipqa.sweep": "true"}).info.run_id
     for job, (freeze, params, seed, acc) in enumerate(
         [("text", TEXT, 1, 0.40), ("staged", STAGED, 1, 0.50), ("text", TEXT, 2, 0.42), ("staged", STAGED, 2, 0.52)]
@@ -44,7 +44,7 @@ def test_several_swept_overrides_keep_their_command_line_order(tmp_path):
     in it stays one override."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("e")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     for opt, lr, acc in [("adamw", "0.001", 0.5), ("adam", "0.0001", 0.4)]:
         tags = {"clipqa.overrides": f"optimizer={opt} optimizer.lr={lr} trainer.length_buckets=[16, 32]"}
         params = {"optimizer._target_": f"torch.optim.{opt.title()}", "optimizer.lr": lr}
@@ -60,7 +60,7 @@ def test_runs_without_overrides_fall_back_to_the_config_difference(tmp_path):
     the config values that differ, beside the runs named by their overrides."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("e")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     fake_run(c, exp, "freeze=text", {"mapper.num_layers": "1", "freeze.text": "True"}, 0.4,
              tags={"clipqa.overrides": "freeze=text"})  # fmt: skip
     fake_run(c, exp, "freeze=none", {"mapper.num_layers": "1", "freeze.text": "False"}, 0.5,
@@ -71,7 +71,9 @@ def test_runs_without_overrides_fall_back_to_the_config_difference(tmp_path):
         "`freeze=none`",
         "`freeze=text`",
     ]
-    other = c.create_experiment("plain")  # only runs without overrides: the raw difference, as before
+    other = c.create_experiment(
+        "plain", artifact_location=(tmp_path / "art").as_uri()
+    )  # only runs without overrides: the raw difference, as before
     for layers in ("0", "3"):
         fake_run(c, other, "x", {"mapper.num_layers": layers}, 0.3)
     md = make_report(uri, tmp_path / "plain", experiment="plain").read_text()
@@ -84,7 +86,7 @@ def test_override_names_that_would_merge_different_configs_are_not_used(tmp_path
     difference."""
     uri = mlflow_store(tmp_path)
     c = MlflowClient(uri)
-    exp = c.create_experiment("e")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     for layers, freeze, acc in [("1", "text", 0.4), ("1", "none", 0.5), ("2", "text", 0.6)]:
         params = {"mapper.num_layers": layers, "freeze.text": str(freeze == "text")}
         fake_run(c, exp, f"freeze={freeze}", params, acc, tags={"clipqa.overrides": f"freeze={freeze}"})
