@@ -103,7 +103,11 @@ def report(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
     )
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the project's mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)",
+    )
     p.add_argument("--experiment", default="clipqa", help="MLflow experiment name")
     p.add_argument("--out", required=True, help="folder for report.md, report.csv, comparison.png")
     p.add_argument("--parent", default=None, help="only the runs nested under this parent (sweep) run id")
@@ -123,7 +127,7 @@ def report(argv: list[str] | None = None) -> None:
             p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
         parent = info["run_id"]
     try:
-        uri = resolve_uri(a.tracking_uri)
+        uri = resolve_uri(a.tracking_uri, "--tracking-uri", must_exist=True)
         fail_fast_http()
         with server_errors(uri, a.experiment, access="read", outcome="No report was written."):
             path = make_report(
@@ -171,7 +175,11 @@ def evaluate(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default: eval-<split> beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's trainer.eval_batch_size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ (default: the project's)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from clipqa.inference.trained import evaluate_checkpoint, find_checkpoint, load_trained, write_evaluation
@@ -207,7 +215,11 @@ def predict(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per question, for scripts")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store for runs:/ and models:/ (default: the project's)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)",
+    )
     a = p.parse_args(argv)
     items = [(a.image, q) for q in a.question]
     if a.question and not a.image:

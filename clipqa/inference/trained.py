@@ -50,7 +50,8 @@ class TrainedModel:
 def find_checkpoint(ref: str, tracking_uri: str | None = None, download_to: Path | None = None) -> Path:
     """The local ``best.pt`` that ``ref`` names (downloading MLflow artifacts into ``download_to``)."""
     if ref.startswith(("runs:/", "models:/")):
-        return _download(ref, resolve_uri(tracking_uri), Path(download_to or tempfile.mkdtemp(prefix="clipqa-")))
+        uri = resolve_uri(tracking_uri, "--tracking-uri", must_exist=True)
+        return _download(ref, uri, Path(download_to or tempfile.mkdtemp(prefix="clipqa-")))
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "best.pt").is_file():

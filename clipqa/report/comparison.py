@@ -50,7 +50,7 @@ def make_report(
 
     from clipqa.report.plots import comparison_chart, learning_curves_chart
 
-    uri = resolve_uri(uri)
+    uri = resolve_uri(uri, "--tracking-uri", must_exist=True)
     client = MlflowClient(tracking_uri=uri)
     if experiment_id is None:
         exp = client.get_experiment_by_name(experiment or "clipqa")

@@ -1,4 +1,5 @@
-"""Where runs are tracked: the tracking URI (default: the project's SQLite store) and its artifact folder.
+"""Where runs are tracked: the tracking URI (flag or ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the
+project's SQLite store) and its artifact folder.
 
 Credentials never live in a URI: a URI with a user name or password is refused (and scrubbed from the files Hydra
 already wrote); they come only from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
@@ -6,6 +7,7 @@ already wrote); they come only from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_P
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,22 +15,40 @@ from omegaconf import OmegaConf
 from clipqa.errors import ClipqaError
 from clipqa.paths import absolute_sqlite, project_sqlite
 
+ENV_URI = "MLFLOW_TRACKING_URI"
 
-def resolve_uri(uri: str | None) -> str:
-    """``None`` -> the project's SQLite store; a relative ``sqlite:///`` path -> absolute (cwd-independent).
 
-    A URI with credentials (``http://user:secret@host``) is refused: the override would stay in Hydra's
+def resolve_uri(uri: str | None, key: str = "tracking.uri", must_exist: bool = False) -> str:
+    """The one rule for every entry point: ``uri`` (``key``: ``tracking.uri`` or ``--tracking-uri``), else
+    ``$MLFLOW_TRACKING_URI`` (MLflow's convention), else the project's SQLite store; a relative ``sqlite:///`` path
+    is made absolute (cwd-independent).
+
+    A URI with credentials (``http://user:secret@host``), from either source, is refused: it would stay in Hydra's
     ``.hydra/overrides.yaml``, ``config.yaml`` and the MLflow params; credentials come from the environment.
+    ``must_exist`` (the read-only tools: clipqa-eval, -predict, -report): a SQLite store that is not there is an
+    error, rather than an empty database created by opening it.
     """
+    env = os.environ.get(ENV_URI) or None
+    if not uri:
+        uri, source = env, f"${ENV_URI}" if env else "the project's default"
+    else:  # conf/tracking/mlflow.yaml reads the variable into tracking.uri: name where the value came from
+        source = f"{key} (from ${ENV_URI})" if uri == env else key
     if uri and without_credentials(uri) != uri:
         scrub_hydra_files(uri)
+        fix = f"{key}={without_credentials(uri)}" if source == key else f"export {ENV_URI}={without_credentials(uri)}"
         raise ClipqaError(
-            "tracking.uri (or $MLFLOW_TRACKING_URI) has a user name or password in it (a URI like "
+            f"{source} has a user name or password in it (a URI like "
             f"{_with_placeholders(uri)}): config.yaml, Hydra's .hydra/ files and the MLflow params would keep them, so "
-            f"clipqa refuses it. Fix: use tracking.uri={without_credentials(uri)} and put the credentials in the "
+            f"clipqa refuses it. Fix: use {fix} and put the credentials in the "
             "environment variables MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
         )
-    return absolute_sqlite(uri) if uri else project_sqlite("mlflow.db")
+    resolved = absolute_sqlite(uri) if uri else project_sqlite("mlflow.db")
+    if must_exist and resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///") :]).is_file():
+        raise ClipqaError(
+            f"No MLflow store at {resolved} (from {source}): nothing was tracked there. Fix: pass {key} with the store "
+            f"your training used, or export {ENV_URI}=... (e.g. http://host:5000 or sqlite:////path/to/mlflow.db)."
+        )
+    return resolved
 
 
 def scrub_hydra_files(uri: str) -> None:

@@ -108,7 +108,8 @@ def test_clipqa_eval_bad_input_is_one_clear_error(trained, capsys, tmp_path):
         ([str(tmp_path / "broken.pt")], "is not a readable checkpoint"),
         ([str(tmp_path)], "holds no best.pt"),
         ([str(out), "--data-root", str(tmp_path)], "COCO-QA train split not found"),
-        (["runs:/0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], "Cannot fetch runs:/"),
+        (["runs:/0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], "No MLflow store at"),
+        (["runs:/0123456789abcdef", "--tracking-uri", mlflow_store(tmp_path, "real.db")], "Cannot fetch runs:/"),
     ):
         code, _, err = run_tool(cli.evaluate, capsys, *args)
         assert code == 2 and message in err, (args, err)

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipqa.errors import ClipqaError
+from clipqa.paths import PROJECT_DIR
 from clipqa.tracking.run_info import RunInfo, run_name
 from clipqa.tracking.tracker import MlflowTracker, flatten
 from clipqa.tracking.uris import resolve_uri
@@ -35,9 +36,33 @@ def test_flatten_and_store_uri_are_absolute_and_dotted(tmp_path, monkeypatch):
         "optimizer.betas": [0.9, 0.99],
     }
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
-    assert resolve_uri(None).startswith("sqlite:////") and resolve_uri(None).endswith("/mlflow.db")
+    assert resolve_uri(None) == f"sqlite:///{PROJECT_DIR}/mlflow.db"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_one_rule_for_the_store_flag_then_the_environment_then_the_project(tmp_path, monkeypatch):
+    """Catches: clipqa-eval/-predict/-report mapping a missing --tracking-uri straight to the project's mlflow.db,
+    ignoring the MLFLOW_TRACKING_URI a user of a shared server exports once (train.py honoured it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/m.db")
+    assert resolve_uri(None) == f"sqlite:///{tmp_path}/env/m.db"  # relative to the working directory, as MLflow's
+    assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # the flag wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert resolve_uri(None) == f"sqlite:///{PROJECT_DIR}/mlflow.db"
+
+
+def test_the_read_only_tools_refuse_a_store_that_is_not_there_instead_of_creating_it(tmp_path, monkeypatch):
+    """Catches: clipqa-report creating an empty mlflow.db where it found no store (then a confusing "no experiment
+    'clipqa'" instead of "wrong store")."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'nowhere.db'}")
+    with pytest.raises(ClipqaError, match=r"No MLflow store at .*nowhere.db \(from \$MLFLOW_TRACKING_URI\)"):
+        resolve_uri(None, "--tracking-uri", must_exist=True)
+    with pytest.raises(ClipqaError, match=r"No MLflow store at .*other.db \(from --tracking-uri\)"):
+        resolve_uri(f"sqlite:///{tmp_path / 'other.db'}", "--tracking-uri", must_exist=True)
+    assert not list(tmp_path.iterdir())
+    assert resolve_uri("http://127.0.0.1:5000", must_exist=True) == "http://127.0.0.1:5000"  # a server: it decides
 
 
 def test_a_tracking_uri_with_credentials_is_refused_without_repeating_them():
@@ -49,6 +74,16 @@ def test_a_tracking_uri_with_credentials_is_refused_without_repeating_them():
     assert "hunter2" not in msg and "bob" not in msg
     assert "tracking.uri=http://127.0.0.1:5000" in msg
     assert "MLFLOW_TRACKING_USERNAME" in msg and "MLFLOW_TRACKING_PASSWORD" in msg
+
+
+def test_credentials_in_the_environment_variable_are_refused_the_same_way(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:hunter2@127.0.0.1:5000")
+    with pytest.raises(ClipqaError) as refused:
+        resolve_uri(None, "--tracking-uri")
+    msg = str(refused.value)
+    assert "hunter2" not in msg and "bob" not in msg
+    assert msg.startswith("$MLFLOW_TRACKING_URI has a user name or password")
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in msg
 
 
 @pytest.mark.parametrize(
