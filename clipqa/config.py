@@ -176,7 +176,7 @@ class TrainerConfig:
     phases: list[PhaseConfig] | None = MISSING  # staged training; None: one phase (epochs, optimizer.lr, freeze)
     init_from: str | None = MISSING  # warm start from an earlier run's best.pt
     resume: str = MISSING  # auto: continue from the run folder's last checkpoint / skip a finished run | never
-    checkpoint_every: int = MISSING  # resume checkpoints every N steps (and at every epoch and phase end)
+    checkpoint_every: int | None = MISSING  # resume checkpoints every N steps (+ epoch/phase ends); None: none
     keep_checkpoints: int = MISSING
 
 
@@ -323,8 +323,8 @@ def _check_trainer(t: TrainerConfig) -> None:
             _fail(f"trainer.phases[{i}].epochs", p.epochs, "must be > 0", "give every phase at least one epoch")
         if p.lr is not None and p.lr <= 0 or p.lr_scale is not None and p.lr_scale <= 0:
             _fail(f"trainer.phases[{i}].lr", p.lr, "must be > 0", "set lr or lr_scale to a positive number")
-    if t.checkpoint_every <= 0 or t.keep_checkpoints <= 0:
-        fix = "use e.g. trainer.checkpoint_every=1000 trainer.keep_checkpoints=2"
+    if t.checkpoint_every is not None and t.checkpoint_every <= 0 or t.keep_checkpoints <= 0:
+        fix = "use e.g. trainer.checkpoint_every=1000 (null: no resume checkpoints) trainer.keep_checkpoints=2"
         _fail("trainer.checkpoint_every", t.checkpoint_every, "must be > 0 (and keep_checkpoints > 0)", fix)
     if t.num_workers is not None and t.num_workers < 0:
         _fail("trainer.num_workers", t.num_workers, "must be >= 0", "use 0 to load data in the main process")
