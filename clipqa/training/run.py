@@ -29,7 +29,7 @@ from clipqa.evaluation.wups import split_wups
 from clipqa.models.backbones import load_backbone
 from clipqa.report.plots import save_curves
 from clipqa.tracking.run_info import RunInfo
-from clipqa.tracking.tracker import Tracker, make_tracker
+from clipqa.tracking.tracker import Tracker, flatten, make_tracker
 from clipqa.training.build import build_model
 from clipqa.training.checkpoint import latest_resume, load_init, same_run, save_best
 from clipqa.training.device import claim_device, compile_model, keep_freed_memory, resolve_precision, seed_everything
@@ -108,6 +108,7 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
     train_split, val_split, test_split, index = load_data(cfg)
     prior = M.answer_prior(train_split.answers, train_split.types)  # before any head-specific drop
     backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir, train_split.questions + train_split.answers)
+    tracker.log_params(flatten({"loaded": backbone.loaded}))  # what was loaded, not what was asked for
     labels, train_split, y_train, n_dropped = build_labels(cfg, backbone, train_split)
     splits = [train_split, val_split, test_split]
     warn_long_questions(splits, backbone.tokenizer, cfg.backbone.image_position_offset)
@@ -136,6 +137,7 @@ def _run(cfg, out: Path, resolved: dict, tracker: Tracker, info: RunInfo, on_val
         state.best.step,
     )
     files = write_run_files(out, resolved, state.history, results, test_split, test_preds, labels.classes)
+    record_loaded(out / "metrics.json", backbone.loaded)
     if t.save_checkpoint:
         save_best(
             out / "best.pt",
@@ -229,7 +231,15 @@ def finished_metrics(out: Path, resolved: dict) -> dict | None:
     if not same_run(yaml.safe_load((out / "config.yaml").read_text()), resolved):
         return None
     metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("loaded", None)  # train() returns the metrics, as a fresh run does
     return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+
+
+def record_loaded(metrics_file: Path, loaded: dict) -> None:
+    """metrics.json's ``loaded``: per tower, the source, model type, parameter count and weights digest (kept out of
+    the metrics proper, which are numbers logged to MLflow; these are MLflow params ``loaded.*``)."""
+    data = json.loads(metrics_file.read_text())
+    metrics_file.write_text(json.dumps({**data, "loaded": loaded}, indent=2) + "\n")
 
 
 def check_writable(folder: Path, what: str) -> None:
