@@ -190,6 +190,7 @@ def collect_results(test, test_preds, counts, state: TrainState, prior, splits, 
         "epochs": sum(p.epochs for p in phases),
         "train/seconds": state.seconds,  # in training steps, this process (validation and test excluded)
         "train/examples_per_s": state.seen_here / state.seconds if state.seconds else float("nan"),
+        "train/compile_fallback": int(state.compile_fallback is not None),  # 1: torch.compile failed, eager ran
         "data/n_train": len(train_split),
         "data/n_val": len(val_split),
         "data/n_test": len(test_split),
