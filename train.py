@@ -25,6 +25,7 @@ log = logging.getLogger("clipqa")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     from clipqa.config import validate
+    from clipqa.overrides import warn_replaced_choices
     from clipqa.sweep.optuna_trial import TrialJob, objective, pruning_callback
 
     trial = TrialJob.from_env()  # set when the Optuna sweeper (hydra/sweeper=clipqa_optuna) launched this job
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
             with open_dict(cfg):
                 cfg.optuna = {"trial": trial.number, "study_name": trial.study_name}
         cfg = validate(cfg)  # bad config values fail here, before torch/transformers load the models
+        warn_replaced_choices(cfg)  # freeze=staged +paper=V2 runs V2: say so
         from clipqa.tracking.run_info import hydra_run_info
         from clipqa.training.run import train
 

@@ -16,6 +16,7 @@ from tests.helpers.runs import ROOT
 # Floor of each package (and of the top-level modules). A new package or top-level module must be placed here.
 FLOORS = {
     "errors": 0, "metrics": 0, "paths": 0, "config": 0,      # ground: names and types everyone shares
+    "overrides": 0,                                           # ... and which command-line choices took effect
     "data": 1, "tracking": 1,                                 # parts that need nothing of clipqa's but the ground
     "models": 2,                                              # the architecture (its tiny pretraining reads the demo)
     "evaluation": 3, "report": 3,                             # scoring a model; comparing runs
