@@ -1,56 +1,42 @@
-"""Every ``from_pretrained`` call of clipqa lives here, for the real hub models and the offline tiny preset alike.
+"""Every ``from_pretrained`` call of clipqa lives here: each tower is loaded by what its folder *is* (the
+``model_type`` of its config.json), with its own class, and only when every weight of that class is in the checkpoint.
 
-- ``backbone=hub``: ``openai/clip-vit-base-patch32`` (vision tower + image processor) and
-  ``distilbert-base-uncased`` (model + tokenizer), or local folders with the same files for offline machines.
-- ``backbone=tiny``: small random-init CLIP vision + DistilBERT built from configs, with a WordPiece tokenizer
-  trained on the training split's own text (any dataset). The key hashes the tiny config and the training text,
-  so a changed dataset or size never reuses stale weights.
-- ``backbone=tiny_pretrained`` (the demo's): the same models pretrained on a world like the demo's
-  (:mod:`clipqa.models.tiny_pretrain`: masked-LM text, attribute-naming vision tower), with a tokenizer trained on that
-  corpus; independent of the run's data, so the demo and the smoke test share one build. The key hashes the tiny
-  config and :data:`PRETRAIN_VERSION`.
+Supported (the ``backbone/vision`` and ``backbone/text`` config groups name hub models of these families; any local
+folder of the same type works too):
 
-Either is written with ``save_pretrained`` to ``<paths.cache_dir>/tiny-backbone/<key>/{vision,text}`` and then
-loaded through the very same ``from_pretrained`` calls, so the offline demo exercises the real loading path.
+- vision: CLIP (``clip``: a whole CLIP model, its vision tower used; ``clip_vision_model``: a vision tower saved
+  alone) and SigLIP (``siglip``, ``siglip_vision_model``; no CLS token: ``image_tokens=all|pooled`` only);
+- text: DistilBERT (``distilbert``), BERT (``bert``) and RoBERTa (``roberta``; its positions start at
+  ``padding_idx + 1``, see :func:`position_start`).
+
+The offline tiny presets (``backbone=tiny|tiny_pretrained``) are built by :mod:`clipqa.models.tiny_backbone` and
+loaded here like any folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
+    BertModel,
     CLIPVisionModel,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
     DistilBertModel,
-    DistilBertTokenizerFast,
+    RobertaModel,
+    SiglipVisionModel,
 )
 
 from clipqa.errors import ClipqaError
-from clipqa.models import tiny_pretrain
+from clipqa.models.tiny_backbone import build_tiny
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# Part of the pretrained preset's cache key: bump it when clipqa/models/tiny_pretrain.py changes what it trains, so a
-# cache never serves weights an older pretraining made.
-PRETRAIN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -60,15 +46,24 @@ class Family:
 
     model_class: type
     other_parts: tuple[str, ...] = ()
+    kwargs: tuple[tuple[str, object], ...] = ()  # from_pretrained arguments
 
 
 # Keyed by the ``model_type`` of the folder's config.json: what a folder *is*, whatever its name says.
+_CLIP_TEXT = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 VISION_FAMILIES = {
     "clip_vision_model": Family(CLIPVisionModel),  # a CLIPVisionModel saved alone (the tiny presets)
-    "clip": Family(CLIPVisionModel, ("text_model.", "text_projection.", "visual_projection.", "logit_scale")),
+    "clip": Family(CLIPVisionModel, _CLIP_TEXT),
+    "siglip_vision_model": Family(SiglipVisionModel),
+    "siglip": Family(SiglipVisionModel, ("text_model.", "logit_scale", "logit_bias")),
 }
+# BERT and RoBERTa without their pooler (a dense layer on [CLS] for next-sentence prediction): clipqa reads the last
+# hidden state, and a pooler that gets no gradient would only be dead weight in the optimizer.
+_NO_POOLER = (("add_pooling_layer", False),)
 TEXT_FAMILIES = {
     "distilbert": Family(DistilBertModel, ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")),
+    "bert": Family(BertModel, ("cls.", "pooler."), _NO_POOLER),
+    "roberta": Family(RobertaModel, ("lm_head.", "pooler."), _NO_POOLER),
 }
 
 
@@ -115,17 +110,7 @@ def load_backbone(bcfg: DictConfig, cache_dir: str | Path, train_text: list[str]
     for key, src in (("backbone.vision", vision_src), ("backbone.text", text_src)):
         if src is None:
             raise ClipqaError(f"{key} is null and no tiny preset fills it: give a hub name or folder ({key}=PATH).")
-    backbone = load_sources(str(vision_src), str(text_src))
-    vision, text = backbone.vision, backbone.text
-    n_img = n_image_tokens(vision)
-    offset = bcfg.image_position_offset
-    if offset + n_img > text.config.max_position_embeddings:
-        raise ClipqaError(
-            f"backbone.image_position_offset={offset} plus {n_img} image tokens exceeds DistilBERT's "
-            f"{text.config.max_position_embeddings} position embeddings ({text_src}). Lower the offset to at most "
-            f"{text.config.max_position_embeddings - n_img}."
-        )
-    return backbone
+    return load_sources(str(vision_src), str(text_src))
 
 
 def load_sources(vision_src: str, text_src: str) -> Backbone:
@@ -154,7 +139,7 @@ def load_tower(what: str, key: str, source: str, families: dict[str, Family]):
             f"{key} at a hub name or folder of a supported type (its config.json's model_type)."
         )
     try:
-        model, info = family.model_class.from_pretrained(source, output_loading_info=True)
+        model, info = family.model_class.from_pretrained(source, output_loading_info=True, **dict(family.kwargs))
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ClipqaError(
@@ -199,127 +184,19 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def n_image_tokens(vision: CLIPVisionModel) -> int:
-    """CLIP's ``last_hidden_state`` length: one token per patch plus CLS (50 for ViT-B/32 at 224 px)."""
+def n_image_tokens(vision) -> int:
+    """The vision tower's ``last_hidden_state`` length: one token per patch, plus CLS where the family has one
+    (CLIP: 50 for ViT-B/32 at 224 px, 197 for B/16, 257 for L/14, 577 for L/14@336; SigLIP B/16 at 224 px: 196)."""
     c = vision.config
-    return (c.image_size // c.patch_size) ** 2 + 1
+    return (c.image_size // c.patch_size) ** 2 + (1 if has_cls_token(vision) else 0)
 
 
-def _key(tcfg: DictConfig, train_text: list[str] | None) -> str:
-    h = hashlib.sha256(json.dumps(OmegaConf.to_container(tcfg, resolve=True), sort_keys=True).encode())
-    if tcfg.pretrain is not None:  # the pretrained preset does not depend on the run's data, only on its code
-        h.update(f"pretrain-v{PRETRAIN_VERSION}".encode())
-    for line in train_text if tcfg.pretrain is None else []:
-        h.update(line.encode() + b"\n")
-    return h.hexdigest()[:16]
+def has_cls_token(vision) -> bool:
+    """CLIP puts a class token before the patches; SigLIP has none (it pools with an attention head instead)."""
+    return vision.config.model_type.startswith("clip")
 
 
-def build_tiny(tcfg: DictConfig, cache_dir: str | Path, train_text: list[str] | None) -> Path:
-    """Create (once) and return the tiny preset's folder, holding ``vision/`` and ``text/`` in hub format."""
-    folder = Path(cache_dir).expanduser() / "tiny-backbone" / _key(tcfg, train_text)
-    if (folder / "text" / "config.json").is_file():
-        return folder
-    pcfg = tcfg.pretrain
-    what = "random-init <backbone=tiny>" if pcfg is None else "pretrained <backbone.tiny.pretrain>"
-    log.info("building the tiny %s backbone in %s", what, folder)
-    started = time.perf_counter()
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if pcfg is None:
-        tokenizer = train_wordpiece(train_text, tcfg.vocab_size)
-    else:
-        tokenizer = word_tokenizer(tiny_pretrain.documents(pcfg.documents, pcfg.seed), tcfg.vocab_size)
-    size = {"shortest_edge": tcfg.image_size}
-    crop = {"height": tcfg.image_size, "width": tcfg.image_size}
-    processor = CLIPImageProcessor(size=size, crop_size=crop)
-    with tiny_pretrain.reproducible(tcfg.seed):  # seeded init without disturbing the run's own RNG stream
-        vision = CLIPVisionModel(
-            CLIPVisionConfig(
-                hidden_size=tcfg.vision_dim,
-                intermediate_size=4 * tcfg.vision_dim,
-                num_hidden_layers=tcfg.vision_layers,
-                num_attention_heads=tcfg.heads,
-                image_size=tcfg.image_size,
-                patch_size=tcfg.patch_size,
-            )
-        )
-        text_config = DistilBertConfig(
-            vocab_size=len(tokenizer),
-            dim=tcfg.text_dim,
-            hidden_dim=4 * tcfg.text_dim,
-            n_layers=tcfg.text_layers,
-            n_heads=tcfg.heads,
-            max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        if pcfg is None:
-            text = DistilBertModel(text_config)
-        else:
-            mlm = DistilBertForMaskedLM(text_config)
-            with tqdm(total=pcfg.text_steps + pcfg.vision_steps, unit="step", file=sys.stderr) as bar:
-                tiny_pretrain.pretrain_text(mlm, tokenizer, pcfg, bar)
-                tiny_pretrain.pretrain_vision(vision, processor, pcfg, bar)
-            text = mlm.distilbert
-    vision.save_pretrained(tmp / "vision")
-    processor.save_pretrained(tmp / "vision")
-    text.save_pretrained(tmp / "text")
-    tokenizer.save_pretrained(tmp / "text")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process built the same key first; identical content
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tiny backbone built in %.1f s", time.perf_counter() - started)
-    return folder
-
-
-def train_wordpiece(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer trained on ``texts`` ([CLS] q [SEP] like distilbert-base-uncased)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    return _as_distilbert_tokenizer(tok)
-
-
-def word_tokenizer(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast:
-    """A WordPiece tokenizer whose pieces are the corpus's words (most frequent first) plus its single characters.
-
-    For the pretrained tiny preset: its corpus has a few dozen words, each kept whole, and unlike the WordPiece
-    trainer (which breaks ties between equally frequent merges in an order that changes from process to process)
-    the same text always gives the same ids, so the pretrained weights are reproducible.
-    """
-    from collections import Counter
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    normalizer, split = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = Counter(w for t in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(t)))
-    chars = sorted({c for w in words for c in w})
-    pieces = [*chars, *(f"##{c}" for c in chars)]  # any word of these characters can still be spelt out
-    kept = sorted(words, key=lambda w: (-words[w], w))[: max(0, vocab_size - len(SPECIAL_TOKENS) - len(pieces))]
-    vocab = dict.fromkeys([*SPECIAL_TOKENS, *sorted(kept), *pieces])
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizer, split
-    return _as_distilbert_tokenizer(tok)
-
-
-def _as_distilbert_tokenizer(tok) -> DistilBertTokenizerFast:
-    from tokenizers import decoders, processors
-
-    tok.decoder = decoders.WordPiece()
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return DistilBertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+def position_start(text) -> int:
+    """The first position id a text model gives a real token: RoBERTa numbers positions from ``padding_idx + 1`` (2)
+    and reserves the ones below for padding; DistilBERT and BERT start at 0."""
+    return text.config.pad_token_id + 1 if text.config.model_type == "roberta" else 0

@@ -54,7 +54,8 @@ class WideHead(nn.Linear):
 
 def use_cpu_kernels(model: nn.Module) -> None:
     """Swap the thin-product forms into ``model.text``'s transformer layers and ``model.head`` (in place)."""
-    for module in model.text.transformer.modules():
+    layers = getattr(model.text, "transformer", None) or model.text.encoder  # DistilBERT's name; BERT's, RoBERTa's
+    for module in layers.modules():
         if type(module) is nn.Linear:
             module.__class__ = ThinLinear
     if type(model.head) is nn.Linear:

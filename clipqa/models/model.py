@@ -84,12 +84,14 @@ class ClipQA(nn.Module):
         *,
         image_position_offset: int,
         readout: str,
+        position_start: int = 0,
         image_tokens: tuple[str, int | None] = ("all", None),
         feature_dtype: torch.dtype = torch.float16,
     ):
         super().__init__()
         self.vision, self.mapper, self.text, self.head = vision, mapper, text, head
         self.image_position_offset = image_position_offset
+        self.position_start = position_start  # the text model's first position id (clipqa.models.backbones)
         self.readout = readout
         self.image_tokens = image_tokens
         self.feature_dtype = feature_dtype
@@ -142,12 +144,12 @@ class ClipQA(nn.Module):
             B, T, N = input_ids.shape[0], input_ids.shape[1], img.shape[1]
             x = torch.cat([words, img.to(words.dtype)], dim=1)  # (B, T + N, D)
             mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
-            positions = torch.cat(
+            positions = self.position_start + torch.cat(
                 [
                     torch.arange(T, device=x.device),
                     self.image_position_offset + torch.arange(N, device=x.device),
                 ]
-            ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding
+            ).unsqueeze(0)  # (1, T + N): fixed image positions, independent of padding (RoBERTa's start at 2)
             at = 0 if self.readout == "cls" else -1  # [CLS] or the last image token (the paper); no size: no recompile
             pooled = self._encode_text(x, mask, positions, at, attention_mask, question_rows)  # (B, D)
         return self.head(pooled)  # (B, n_classes): the head sees only the readout position

@@ -11,8 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from clipqa.errors import ClipqaError
-from clipqa.models.backbones import Backbone
+from clipqa.models.backbones import Backbone, has_cls_token, n_image_tokens, position_start
 from clipqa.models.cpu_kernels import use_cpu_kernels
+from clipqa.models.image_tokens import n_selected
 from clipqa.models.model import ClipQA
 
 FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -37,7 +38,8 @@ def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int, cpu_kernels
     ``cpu_kernels``: swap in :mod:`clipqa.models.cpu_kernels`' thin-product forms (same numbers; they fall back to the
     ordinary product on a GPU). Nothing is frozen here: :func:`clipqa.models.freeze.apply_freeze` decides what trains.
     """
-    v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.dim
+    check_positions(cfg, backbone)
+    v_dim, t_dim = backbone.vision.config.hidden_size, backbone.text.config.hidden_size  # DistilBERT maps it to dim
     mapper = build_mapper(cfg.mapper, v_dim, t_dim)
     # head.bias: the paper's head has none; a best.pt written before the key existed had a bias (hence the default).
     head = nn.Linear(t_dim, n_classes, bias=cfg.head.get("bias", True))
@@ -48,12 +50,35 @@ def build_model(cfg: DictConfig, backbone: Backbone, n_classes: int, cpu_kernels
         head,
         image_position_offset=cfg.backbone.image_position_offset,
         readout=cfg.head.readout,
+        position_start=position_start(backbone.text),
         image_tokens=(cfg.image_tokens.select, cfg.image_tokens.k),
         feature_dtype=FEATURE_DTYPES[cfg.features.dtype],
     )
     if cpu_kernels:
         use_cpu_kernels(model)
     return model
+
+
+def check_positions(cfg: DictConfig, backbone: Backbone) -> None:
+    """Image token i sits at position ``backbone.image_position_offset + i``: every one must exist in the text model,
+    and the class-token readout needs a tower that has one (a clear error at start-up, not an index error later)."""
+    it = cfg.image_tokens
+    if it.select == "cls" and not has_cls_token(backbone.vision):
+        raise ClipqaError(
+            f"image_tokens=cls reads the class token, but the vision tower {backbone.vision_source} "
+            f"({backbone.vision.config.model_type}) has none. Use image_tokens=pooled image_tokens.k=1 or "
+            "image_tokens=all with this backbone.vision."
+        )
+    n_img = n_selected(n_image_tokens(backbone.vision), it.select, it.k)
+    offset, text = cfg.backbone.image_position_offset, backbone.text
+    room = text.config.max_position_embeddings - position_start(text)  # positions a real token can have
+    if offset + n_img > room:
+        fix = f"lower backbone.image_position_offset to at most {room - n_img}, " if room - n_img >= 1 else ""
+        raise ClipqaError(
+            f"backbone.image_position_offset={offset} plus {n_img} image tokens needs {offset + n_img} positions, "
+            f"but the text model {backbone.text_source} ({text.config.model_type}) has {room}. Fix: {fix}use fewer "
+            "image tokens (image_tokens=pooled, image_tokens.k=16) or a text model with more positions."
+        )
 
 
 def build_optimizer(ocfg: DictConfig, params, lr: float | None = None) -> torch.optim.Optimizer:

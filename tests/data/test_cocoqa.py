@@ -17,7 +17,7 @@ from clipqa.data.cocoqa import (
     train_val_split,
 )
 from clipqa.errors import ClipqaError
-from clipqa.models.backbones import train_wordpiece
+from clipqa.models.tiny_backbone import train_wordpiece
 from clipqa.training.run import train
 from tests.helpers.handmade import make_cocoqa
 from tests.helpers.runs import INTERFACE_KEYS, compose_cfg

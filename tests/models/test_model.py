@@ -7,11 +7,12 @@ from torch import nn
 
 from clipqa.data.cocoqa import Collator
 from clipqa.errors import ClipqaError
-from clipqa.models.backbones import build_tiny, load_sources, n_image_tokens
+from clipqa.models.backbones import load_sources, n_image_tokens
 from clipqa.models.cpu_kernels import ThinLinear, WideHead, use_cpu_kernels
 from clipqa.models.freeze import apply_freeze, trainable_state
 from clipqa.models.model import ClipQA, MLPMapper
 from clipqa.models.packed_text import encode_packed
+from clipqa.models.tiny_backbone import build_tiny
 
 TINY = OmegaConf.create(
     dict(

@@ -5,8 +5,9 @@ data, so the demo and the smoke test share one build."""
 
 import torch
 
-from clipqa.models.backbones import build_tiny, load_sources
+from clipqa.models.backbones import load_sources
 from clipqa.models.feature_cache import weights_digest
+from clipqa.models.tiny_backbone import build_tiny
 from tests.helpers.runs import compose_cfg
 
 # The full pretraining's code path with fewer steps, so that building twice stays a fast-tier test.
