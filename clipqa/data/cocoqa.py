@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SPLIT_FILES = ("img_ids.txt", "questions.txt", "answers.txt", "types.txt")
 COCO_FOLDERS = ("train2014", "val2014")
 _COCO_NAME = re.compile(r"COCO_(?:train|val)2014_(\d{12})\.jpg$")
+IGNORE_LABEL = -100  # F.cross_entropy's default ignore_index: rows that pad a batch to its fixed size
 
 DOWNLOAD_HINT = (
     "Fetch both with one command: clipqa-download --to data/ (it prints the data.root=... data.image_root=... "
@@ -267,20 +268,29 @@ class Collator:
     tokens with them, so the device never has to find them with a host-synchronising ``nonzero()``),
     ``labels (B,)``, ``types (B,)``, ``index (B,)`` (question number in the split).
 
-    ``buckets`` (``trainer.length_buckets``, used under CUDA graphs): T is rounded up to the first bucket length
-    that holds the batch's longest question, so training sees a few fixed shapes, each recorded as a graph once.
-    Padding never changes the answer (tests/models/test_model.py). ``pin_memory``: images or features are stacked
-    straight into page-locked memory, from which the copy to the GPU runs asynchronously (``non_blocking``).
+    Under CUDA graphs (few fixed shapes, each graph recorded once): ``buckets`` (``trainer.length_buckets``) round T
+    up to the first that holds the longest question (:func:`bucket_lengths` with ``image_tokens`` N, else capped at
+    ``max_tokens``; padding never changes an answer: tests/models/test_model.py); ``pad_to`` fills a short batch
+    with copies of its first question labelled :data:`IGNORE_LABEL` (no loss), and ``n_real`` (an int) counts the
+    real rows. ``pin_memory``: stacked straight into page-locked memory (asynchronous copies to the GPU).
     """
 
-    def __init__(self, tokenizer, max_tokens: int, buckets: list[int] | None = None, pin_memory: bool = False):
-        self.tokenizer, self.max_tokens, self.pin_memory = tokenizer, max_tokens, pin_memory
-        self.buckets = sorted({min(b, max_tokens) for b in buckets or []} | {max_tokens}) if buckets else None
+    def __init__(self, tokenizer, max_tokens: int, buckets=None, pin_memory=False, pad_to=None, image_tokens=None):
+        self.tokenizer, self.max_tokens, self.pin_memory, self.pad_to = tokenizer, max_tokens, pin_memory, pad_to
+        if not buckets:
+            self.buckets = None
+        elif image_tokens is not None:  # aligned for the fused attention kernels (CUDA graphs' path)
+            self.buckets = bucket_lengths(buckets, max_tokens, image_tokens)
+        else:
+            self.buckets = sorted({min(b, max_tokens) for b in buckets} | {max_tokens})
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor] | None:
         items = [it for it in items if it is not None]  # unreadable images under on_bad_image=skip
         if not items:
             return None
+        n_real = len(items)
+        if self.pad_to is not None and n_real < self.pad_to:  # filler rows: same tokens as row 0, no loss
+            items = items + [{**items[0], "label": IGNORE_LABEL, "index": -1}] * (self.pad_to - n_real)
         enc = self.tokenizer(
             [it["question"] for it in items],
             padding=True,
@@ -290,13 +300,13 @@ class Collator:
         )
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
         if self.buckets:
-            T = next(b for b in self.buckets if b >= ids.shape[1])  # the last bucket is max_tokens: always found
+            T = next(b for b in self.buckets if b >= ids.shape[1])  # the last bucket holds max_tokens: found
             ids = torch.nn.functional.pad(ids, (0, T - ids.shape[1]), value=self.tokenizer.pad_token_id)  # (B, T)
             mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=0)  # (B, T)
         image = "image_features" if "image_features" in items[0] else "pixel_values"  # cached or decoded
         first = items[0][image]
         stacked = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=self.pin_memory)
-        return {
+        batch = {
             image: torch.stack([it[image] for it in items], out=stacked),  # (B, 3, H, W) pixels or (B, N, D) features
             "input_ids": ids,  # (B, T)
             "attention_mask": mask,  # (B, T)
@@ -305,14 +315,14 @@ class Collator:
             "types": torch.tensor([it["type"] for it in items]),  # (B,)
             "index": torch.tensor([it["index"] for it in items]),  # (B,) position in the split
         }
+        if self.pad_to is not None:
+            batch["n_real"] = n_real  # a Python int: the loop counts examples without reading a tensor
+        return batch
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffled indices for epoch ``epoch`` (seeded by ``seed`` and the epoch), starting at position ``start``.
-
-    The training order is a pure function of (``trainer.seed``, epoch), so a resumed epoch skips the batches
-    already done without replaying them.
-    """
+    """Shuffled indices for epoch ``epoch`` (seeded by ``seed`` and the epoch), starting at position ``start``: the
+    order is a pure function of (``trainer.seed``, epoch), so a resumed epoch skips the batches already done."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
@@ -325,12 +335,24 @@ class EpochSampler(Sampler[int]):
         return self.n - self.start
 
 
-def worker_context(num_workers: int):
-    """The start method for DataLoader workers: ``fork`` where the platform has it (Linux's default anyway).
+def worker_context(num_workers: int, device: torch.device | None = None):
+    """DataLoader workers' start method: ``forkserver`` when the run's ``device`` is a GPU, else ``fork`` (if any).
 
-    Why explicit: Hydra's joblib launcher runs each job in a loky worker process, whose default multiprocessing
-    context is loky's own; DataLoader workers started from there fail ("'Process' object has no attribute 'env'").
-    """
-    if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return None
+    Explicit because Hydra's joblib launcher runs jobs in loky processes, whose own context cannot start DataLoader
+    workers ("'Process' object has no attribute 'env'"). Not ``fork`` on a GPU: CUDA is initialised and threads run
+    (compile pool, pin-memory, tqdm); a forked child inherits any lock one held and can hang on it. Forkserver
+    children start clean, so datasets and collators must pickle (tests/training/test_loaders.py)."""
+    if num_workers <= 0:
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    if device is not None and device.type == "cuda":
+        return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return multiprocessing.get_context("fork") if "fork" in methods else None
+
+
+def bucket_lengths(lengths: list[int], max_tokens: int, n_image_tokens: int, multiple: int = 16) -> list[int]:
+    """``trainer.length_buckets`` under CUDA graphs, each rounded up so that ``T + n_image_tokens`` is a multiple of
+    ``multiple`` (fused attention kernels copy, or once refused, misaligned masks: [16, 24, 32, 64] + 50 image tokens
+    gave 66/74/82/114); the longest holds ``max_tokens``. Padding past it is masked, so answers never change."""
+    wanted = {min(b, max_tokens) for b in lengths} | {max_tokens}
+    return sorted({t + (-(t + n_image_tokens)) % multiple for t in wanted})  # up to the next aligned T

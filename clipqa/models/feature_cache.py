@@ -267,7 +267,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # not the global RNG: a run draws the same dropout noise, cache built or not
-        multiprocessing_context=worker_context(num_workers),  # joblib launcher: loky's context cannot start them
+        multiprocessing_context=worker_context(num_workers, device),  # never loky's (joblib), never fork on a GPU
     )
     bad: dict[str, str] = {}
     row_bytes = n_tok * shape[2] * np.dtype(np_dtype).itemsize

@@ -27,6 +27,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every generator a run on ``device`` draws from: the CPU's and, on a GPU, that GPU's default generator
+    (dropout there draws from it, and so do CUDA graphs' replays). Saved in every resume checkpoint."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor] | torch.Tensor, device: torch.device) -> None:
+    """Restore :func:`rng_state`'s generators (a bare tensor: a checkpoint from before it, the CPU's alone)."""
+    states = states if isinstance(states, dict) else {"cpu": states}
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "cuda":  # seed_everything's fresh generator: the first steps' dropout masks again
+        log.warning("the resume checkpoint has no CUDA generator state: dropout after resuming is not the original's")
+
+
 @contextmanager
 def claim_device(name: str, cache_dir: str, gpu_lease: bool, holder: str, stop=None) -> Iterator[torch.device]:
     """The run's device, held for the ``with`` block: ``auto``/``cuda`` with several GPUs visible lease one

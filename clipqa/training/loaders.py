@@ -27,8 +27,9 @@ from clipqa.data.cocoqa import (
 )
 from clipqa.data.demo import ensure_demo
 from clipqa.errors import ClipqaError
-from clipqa.models.backbones import Backbone
+from clipqa.models.backbones import Backbone, n_image_tokens
 from clipqa.models.feature_cache import FeatureDataset, FeatureStore, ensure_store
+from clipqa.models.image_tokens import n_selected
 from clipqa.training.device import GRAPH_MODES, resolve_compile
 from clipqa.training.schedule import Phase
 
@@ -122,9 +123,9 @@ def feature_store(
     )
 
 
-def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bool) -> DataLoader:
+def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bool, device=None) -> DataLoader:
     """``sampler``: an :class:`clipqa.data.cocoqa.EpochSampler` for training (seeded, resumable order) or None (in
-    order).
+    order). ``device``: the run's; on a GPU, workers start from a forkserver (clipqa.data.cocoqa.worker_context).
 
     The loader gets its own generator so that starting an iterator never draws from the global torch RNG (which
     dropout uses): a resumed run then draws exactly the random numbers an uninterrupted one does.
@@ -138,7 +139,7 @@ def make_loader(ds, collate, batch_size: int, sampler, num_workers: int, pin: bo
         generator=torch.Generator().manual_seed(0),
         pin_memory=pin,
         persistent_workers=num_workers > 0,
-        multiprocessing_context=worker_context(num_workers),  # joblib launcher: loky's context cannot start them
+        multiprocessing_context=worker_context(num_workers, device),  # never loky's (joblib), never fork on a GPU
     )
 
 
@@ -170,12 +171,16 @@ def build_loaders(
     workers = t.num_workers if t.num_workers is not None else (0 if store is not None else 2)
     log.info("data loading: %d worker processes <trainer.num_workers=%s>", workers, t.num_workers)
     pin = device.type == "cuda"
-    # CUDA graphs record one graph per shape: questions padded to a few bucket lengths instead of each batch's longest
-    buckets = list(t.length_buckets) if resolve_compile(t.compile, device) in GRAPH_MODES else None
+    # CUDA graphs record one graph per shape (B, T): questions padded to a few bucket lengths instead of each batch's
+    # longest, T + N aligned for the attention kernels, and short training batches padded to the batch size
+    graphs = resolve_compile(t.compile, device) in GRAPH_MODES
+    buckets = list(t.length_buckets) if graphs else None
+    n_image = n_selected(n_image_tokens(backbone.vision), cfg.image_tokens.select, cfg.image_tokens.k)
     sampler = EpochSampler(len(train), t.seed)
     loader = partial(split_loader, cfg, backbone, store, index, workers=workers, pin=pin, buckets=buckets)
+    loader = partial(loader, image_tokens=n_image, device=device)
     return Loaders(
-        train=loader(train, y_train, t.batch_size, sampler),
+        train=loader(train, y_train, t.batch_size, sampler, pad_to=t.batch_size if graphs else None),
         val=loader(val, labels.labels(val.answers), t.eval_batch_size, None),
         test=loader(test, labels.labels(test.answers), t.eval_batch_size, None),
         sampler=sampler,
@@ -205,13 +210,18 @@ def split_loader(
     workers: int,
     pin: bool,
     buckets: list[int] | None = None,
+    image_tokens: int | None = None,
+    device: torch.device | None = None,
+    pad_to: int | None = None,
 ) -> DataLoader:
     """A loader over one split: rows of the feature ``store`` when there is one, else decoded images. ``pin``: batches
-    in page-locked memory (the main process stacks them there itself; workers leave it to the DataLoader)."""
+    in page-locked memory (the main process stacks them there itself; workers leave it to the DataLoader).
+    ``buckets``, ``image_tokens``, ``pad_to``: the fixed shapes of CUDA graphs (:class:`~clipqa.data.cocoqa.Collator`).
+    """
     if store is not None:
         ds = FeatureDataset(split, y, store)
     else:
         ds = QADataset(split, y, index, backbone.image_processor, cfg.data.on_bad_image)
     max_tokens = cfg.backbone.image_position_offset  # questions stay below the image positions
-    collate = Collator(backbone.tokenizer, max_tokens, buckets, pin_memory=pin and workers == 0)
-    return make_loader(ds, collate, batch_size, sampler, workers, pin)
+    collate = Collator(backbone.tokenizer, max_tokens, buckets, pin and workers == 0, pad_to, image_tokens)
+    return make_loader(ds, collate, batch_size, sampler, workers, pin, device)

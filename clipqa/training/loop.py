@@ -16,6 +16,7 @@ step loop.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from clipqa.models.model import ClipQA
 from clipqa.tracking.tracker import Tracker
 from clipqa.training.build import build_optimizer
 from clipqa.training.checkpoint import save_resume
+from clipqa.training.device import rng_state, set_rng_state
 from clipqa.training.loaders import Loaders
 from clipqa.training.schedule import Phase
 from clipqa.training.signals import StopRequest
@@ -62,6 +64,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.params_by_name = dict(model.named_parameters())
         self.nonfinite = FirstNonFinite()  # checked where the loop reads results anyway, never per step
+        self.compiled_calls: Counter = Counter()  # training steps per batch shape on the compiled text path
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def fit(self, state: TrainState, resumed: dict | None = None):
@@ -158,20 +161,57 @@ class Trainer:
         while this one runs. A non-finite loss is noted on the device and raised at the next read (logging,
         validation, checkpoint), naming the step where it happened.
         """
+        n = batch.pop("n_real", None)  # rows padding the batch to its fixed size under CUDA graphs are not examples
         batch = to_device(batch, self.device)
+        n = batch["labels"].shape[0] if n is None else n
+        shape = tuple(batch["input_ids"].shape)  # (B, T)
+        compiled = self.model.graphed_text is not None or self.model.compiled_text is not None
+        if compiled and self.compiled_calls[shape] < 3:  # compiled, CUDA-graph warm-up, recorded: the risky calls
+            self.compiled_calls[shape] += 1
+            loss = self.first_calls(batch, state)
+        else:
+            loss = self.forward_backward(batch, state)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        state.step, state.seen, state.seen_here = state.step + 1, state.seen + n, state.seen_here + n
+        return loss
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], state: TrainState) -> torch.Tensor:
         if self.model.graphed_text is not None:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are done
         with autocast(self.device, self.precision):
             logits = forward(self.model, batch)  # (B, C)
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+            loss = F.cross_entropy(logits.float(), batch["labels"])  # padding rows' label is ignore_index
         self.nonfinite.note(loss.detach(), state.step, state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        n = batch["labels"].shape[0]
-        state.step, state.seen, state.seen_here = state.step + 1, state.seen + n, state.seen_here + n
         return loss
+
+    def first_calls(self, batch: dict[str, torch.Tensor], state: TrainState) -> torch.Tensor:
+        """:meth:`forward_backward` while torch.compile may still compile or record this shape. If that raises, the
+        run goes on with the eager text path (once, with a warning, tagged ``clipqa.compile_fallback``), redoing the
+        step with the same random numbers. Only an error falls back, never a numerical difference."""
+        rng = rng_state(self.device)
+        try:
+            return self.forward_backward(batch, state)
+        except ClipqaError:
+            raise
+        except Exception as e:  # inductor, dynamo and CUDA-graph failures have many types
+            self.fall_back(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}", state)
+            set_rng_state(rng, self.device)
+            return self.forward_backward(batch, state)
+
+    def fall_back(self, error: str, state: TrainState) -> None:
+        log.warning(
+            "torch.compile failed at step %d (%s); training on with the eager text path. Pass trainer.compile=off "
+            "to skip compiling <trainer.compile=%s>",
+            state.step + 1,
+            error,
+            self.t.compile,
+        )
+        self.model.graphed_text = self.model.compiled_text = None
+        state.compile_fallback = error
+        self.tracker.set_tags({"clipqa.compile_fallback": error})
 
     def end_phase(self, p_idx: int, phase: Phase, state: TrainState) -> tuple[dict[str, float], dict[int, int]]:
         """Test the phase's best weights on the full test split; the next phase starts from them."""
@@ -250,7 +290,8 @@ class Trainer:
     # ---- resume and stopping ----------------------------------------------------------------------------------------
     def checkpoint_if_due(self, state: TrainState) -> None:
         """Every ``trainer.checkpoint_every`` steps; on SIGTERM/SIGUSR2 save now, then stop."""
-        if state.step % self.t.checkpoint_every == 0 or self.stop.requested:
+        every = self.t.checkpoint_every
+        if every is not None and state.step % every == 0 or self.stop.requested:
             self.save_checkpoint(state)
         self.stop_if_requested(state)
 
@@ -259,8 +300,10 @@ class Trainer:
             raise Preempted(f"stopped by {self.stop.reason} at step {state.step}; re-run the same command to resume")
 
     def save_checkpoint(self, state: TrainState) -> None:
+        """A resume checkpoint; none under ``trainer.checkpoint_every=null`` unless a signal asks the run to stop."""
         self.raise_if_nonfinite(state)  # never a checkpoint of weights that a non-finite loss has reached
-        save_resume(self.out, self.resume_state(state), self.t.keep_checkpoints)
+        if self.t.checkpoint_every is not None or self.stop.requested:
+            save_resume(self.out, self.resume_state(state), self.t.keep_checkpoints)
 
     def resume_state(self, state: TrainState) -> dict:
         """Everything needed to continue after ``state``'s position as if the run had never stopped."""
@@ -282,7 +325,8 @@ class Trainer:
             "optimizer_groups": [[names[id(p)] for p in g["params"]] for g in opt.param_groups] if opt else None,
             "scaler": self.scaler.state_dict(),
             "best": {"acc": state.best.acc, "step": state.best.step, "state": state.best.state},
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(self.device),  # the CPU's generator and, on a GPU, the GPU's (dropout draws there)
+            "compile_fallback": state.compile_fallback,
             "mlflow_run_id": self.tracker.run_id,
         }
 
@@ -296,7 +340,10 @@ class Trainer:
         state.phase, state.epoch, state.batch = resumed["phase"], resumed["epoch"], resumed["batch"]
         state.phase_start, state.phase_started = resumed["phase_start"], resumed.get("phase_started", True)
         state.best = Best(**resumed["best"])
-        torch.set_rng_state(resumed["rng"])
+        set_rng_state(resumed["rng"], self.device)
+        if resumed.get("compile_fallback"):  # the compiled path failed before the restart: do not try it again
+            self.model.graphed_text = self.model.compiled_text = None
+            state.compile_fallback = resumed["compile_fallback"]
 
     def restore_optimizer(self, resumed: dict, phase: Phase) -> None:
         """The checkpoint's optimizer: the same parameter groups, then its state (learning rates included)."""

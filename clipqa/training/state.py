@@ -34,6 +34,7 @@ class TrainState:
     trained_parts: set[str] = field(default_factory=lambda: {"head"})  # what best.pt must hold
     seconds: float = 0.0  # this process: time in training steps (data wait included, validation excluded)
     seen_here: int = 0  # this process: examples trained on
+    compile_fallback: str | None = None  # the error that made the run leave the compiled text path, if one did
 
 
 class FirstNonFinite:
