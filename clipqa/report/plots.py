@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -49,11 +50,24 @@ def save_curves(history: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def wrap_label(label: str, width: int = 28) -> str:
+    """A long variant name on several lines, broken after its commas and spaces (never inside an override)."""
+    pieces = re.findall(r"[^, ]+[, ]*|[, ]+", label)
+    lines, line = [], ""
+    for piece in pieces:
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join([*lines, line.rstrip()]) if pieces else label
+
+
 def comparison_chart(rows: list[dict], path: Path) -> None:
     """Grouped bars per variant: test accuracy (with its 95% interval) and per-type accuracy; when the rows were
     compared with a baseline (clipqa.report.paired.compare), a second panel with each row's accuracy difference
-    from it and
-    the difference's 95% interval (filled markers: significant after Holm's correction)."""
+    from it and the difference's 95% interval (filled markers: significant after Holm's correction).
+
+    Laid out so that nothing is clipped (constrained layout; long names wrapped, the legend below the panels)."""
     import numpy as np
 
     keys = ["test/acc"] + [f"test/acc/{t}" for t in TYPE_NAMES.values()]
@@ -61,10 +75,11 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
     n, k = len(rows), len(keys)
     width = 0.8 / k
     compared = [r for r in rows if r.get("diff") is not None]
+    left = max(6.0, 1.3 * n + 2)
     if compared:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(6, 1.6 * n + 2) + 5, 4.5), width_ratios=[max(6, 1.6 * n), 5])
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(left + 6, 5.5), width_ratios=[left, 6], layout="constrained")
     else:
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * n + 2), 4.5))
+        fig, ax = plt.subplots(figsize=(left, 5.5), layout="constrained")
     x = np.arange(n)
     for j, (key, label) in enumerate(zip(keys, labels, strict=True)):
         vals = [r.get(key) or 0.0 for r in rows]
@@ -75,9 +90,9 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
     prior = [r.get("test/prior_acc") for r in rows]
     if any(p is not None for p in prior):
         ax.scatter(x, [p or 0 for p in prior], marker="_", s=400, color="black", zorder=3, label="answer prior")
-    ax.set_xticks(x, [r["variant"] for r in rows], rotation=20, ha="right")
-    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy per variant (bars: 95% interval)")
-    ax.legend(fontsize=8, ncols=3)
+    ax.set_xticks(x, [wrap_label(r["variant"]) for r in rows], rotation=20, ha="right", rotation_mode="anchor")
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy per variant\n(error bars: 95% interval)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=k + 1, fontsize=8)
     if compared:
         y = np.arange(len(compared))
         d = np.array([100 * r["diff"] for r in compared])
@@ -86,28 +101,29 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
         for yi, di, r in zip(y, d, compared, strict=True):
             ax2.plot(di, yi, "o", color="C3", fillstyle="full" if r.get("significant") else "none", markersize=8)
         ax2.axvline(0, color="black", linewidth=0.8)
-        ax2.set_yticks(y, [r["variant"] for r in compared])
+        ax2.set_yticks(y, [wrap_label(r["variant"]) for r in compared])
         ax2.invert_yaxis()
-        ax2.set(
-            xlabel=f"accuracy difference vs {compared[0]['baseline']} (points)",
-            title="Paired difference (95% interval; filled: significant)",
-        )
-    fig.tight_layout()
+        baseline = wrap_label(f"accuracy difference vs {compared[0]['baseline']} (points)", 48)
+        ax2.set(xlabel=baseline, title="Paired difference vs the baseline\n(95% interval; filled: significant)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def learning_curves_chart(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
-    """Validation accuracy and training loss vs step, one line per run (``curves[run][metric] = [(step, v)]``)."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    """Validation accuracy and training loss vs step, one line per run (``curves[run][metric] = [(step, v)]``);
+    the legend below the panels."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     for name, c in curves.items():
         if c.get("val/acc"):
-            a1.plot(*zip(*c["val/acc"], strict=True), marker=".", label=name)
+            a1.plot(*zip(*c["val/acc"], strict=True), marker=".", label=wrap_label(name, 40))
         if c.get("train/loss"):
-            a2.plot(*zip(*c["train/loss"], strict=True), label=name)
+            a2.plot(*zip(*c["train/loss"], strict=True), label=wrap_label(name, 40))
     a1.set(xlabel="optimizer step", ylabel="validation accuracy", ylim=(0, 1), title="Validation accuracy")
     a2.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    a1.legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = a1.get_legend_handles_labels()
+    if not handles:
+        handles, names = a2.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(handles)), fontsize=7)
     fig.savefig(path, dpi=100)
     plt.close(fig)

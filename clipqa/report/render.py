@@ -1,5 +1,6 @@
 """Writing the report's files: ``report.md`` (the main table, per question type, training, an Optuna study's Pareto
-front) and ``report.csv`` (one row per variant, every column)."""
+front), ``report.csv`` (one row per variant, every column) and ``report.tex`` (the main table as a booktabs LaTeX
+table, for a paper)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _table(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body)]
 
 
-def write_markdown(rows: list[dict], path: Path, title: str, skipped: list[str]) -> None:
+def write_markdown(rows: list[dict], path: Path, title: str, skipped: list[str], details: list[str] = ()) -> None:
+    """``details``: lines under the title (the sweep's command, where the runs were read from)."""
     paper = any(r["paper_acc"] is not None for r in rows)
     wups = any(r[k] is not None for r in rows for k in WUPS_KEYS)
     base = next((r["baseline"] for r in rows if r.get("baseline")), None)
@@ -54,7 +56,7 @@ def write_markdown(rows: list[dict], path: Path, title: str, skipped: list[str])
         if paper:
             cells.append(_pct(r["paper_acc"]))
         body.append(cells)
-    lines = [f"# {title}", "", *_table(head, body), ""]
+    lines = [f"# {title}", *details, "", *_table(head, body), ""]  # (details: no blank line, the table stays 2nd)
     lines.append(
         "Test accuracy is over the full test split; n = runs aggregated (differing only by seed; ± is the sd, the "
         "interval a t-interval of the mean). A single run's interval is a Wilson interval over the test questions "
@@ -105,6 +107,73 @@ def write_markdown(rows: list[dict], path: Path, title: str, skipped: list[str])
     if skipped:
         lines += ["", f"Not in the table (not finished or without test metrics): {', '.join(skipped)}."]
     lines += ["", "![comparison](comparison.png)", "", "![learning curves](learning_curves.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "<": r"\textless{}", ">": r"\textgreater{}"}  # fmt: skip
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as LaTeX typesets it literally (variant names hold ``_``, and may hold ``%``, ``&``, ``#``...)."""
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _latex_title(title: str) -> str:
+    """The Markdown title in LaTeX: its `code` spans set in \\texttt."""
+    parts = title.split("`")
+    return "".join(f"\\texttt{{{latex_escape(p)}}}" if i % 2 else latex_escape(p) for i, p in enumerate(parts))
+
+
+def write_latex(rows: list[dict], path: Path, title: str) -> None:
+    """The main comparison as a booktabs table (``\\usepackage{booktabs}``): accuracy with its 95% interval, WUPS,
+    the paired difference from the baseline with its interval and Holm-adjusted p, ``$^{*}$`` where significant."""
+    wups = any(r[k] is not None for r in rows for k in WUPS_KEYS)
+    paper = any(r["paper_acc"] is not None for r in rows)
+    base = next((r["baseline"] for r in rows if r.get("baseline")), None)
+    head = ["Variant", "$n$", "Acc.\\ (\\%)", "95\\% CI"]
+    head += [f"{wups_label(th)} (\\%)" for th in WUPS_THRESHOLDS] if wups else []
+    head += ["$\\Delta$ (points)", "95\\% CI of $\\Delta$", "$p$ (Holm)"] if base else []
+    head += ["Paper (\\%)"] if paper else []
+    body = []
+    for r in rows:
+        acc = _pct(r[TEST_ACC]) + (f" $\\pm$ {100 * r['sd']:.1f}" if r["sd"] is not None else "")
+        cells = [f"\\texttt{{{latex_escape(r['variant'])}}}", str(r["n"]), acc]
+        cells.append(f"{_pct(r['ci_low'])}--{_pct(r['ci_high'])}")
+        cells += [_pct(r[k]) for k in WUPS_KEYS] if wups else []
+        if base and r["variant"] == base:
+            cells += ["baseline", "", ""]
+        elif base:
+            mark = "$^{*}$" if r["significant"] else ""
+            diff = "" if r["diff"] is None else f"${100 * r['diff']:+.1f}${mark}"
+            ci = "" if r["diff"] is None else f"${100 * r['diff_low']:+.1f}$ to ${100 * r['diff_high']:+.1f}$"
+            p = "" if math.isnan(r["p_holm"]) else "$<10^{-4}$" if r["p_holm"] < 1e-4 else f"{r['p_holm']:.2g}"
+            cells += [diff, ci, p]
+        cells += [_pct(r["paper_acc"])] if paper else []
+        body.append(" & ".join(cells) + " \\\\")
+    caption = f"{_latex_title(title)}. Test accuracy over the full test split with its 95\\% interval."
+    if base:
+        caption += (
+            f" $\\Delta$: accuracy minus that of \\texttt{{{latex_escape(base)}}} on the same questions (exact "
+            f"McNemar test for single runs, paired $t$ over seeds); $p$ Holm-adjusted; $^{{*}}$: $p < {ALPHA:g}$."
+        )
+    lines = [
+        "% clipqa-report: the main comparison. Needs \\usepackage{booktabs}.",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{caption}}}",
+        "\\label{tab:clipqa-comparison}",
+        f"\\begin{{tabular}}{{l{'r' * (len(head) - 1)}}}",
+        "\\toprule",
+        " & ".join(head) + " \\\\",
+        "\\midrule",
+        *body,
+        "\\bottomrule",
+        "\\end{tabular}",
+        "\\end{table}",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 

@@ -1,5 +1,9 @@
 """A Hydra multirun in MLflow: its parent run, the comparison report at its end, and an Optuna study's best trial.
 
+Every multirun leaves its report in ``<sweep dir>/report/``: a tracked one from its MLflow runs (also logged on the
+parent run), one with tracking off (``tracking=none``, ``experiment=smoke``) from its job folders
+(:func:`clipqa.report.comparison.make_folder_report`).
+
 :class:`MlflowSweepCallback` is registered in ``conf/config.yaml`` under ``hydra.callbacks``; the Optuna sweeper's
 hooks (:class:`clipqa.sweep.optuna_hooks.MlflowStudyHooks`) call :func:`mark_study` at its start,
 :func:`mark_best_trial` / :func:`mark_pareto_front` at its end (and :func:`fail_sweep` when it stops with an error).
@@ -26,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipqa.errors import ClipqaError
 from clipqa.metrics import OBJECTIVE
-from clipqa.report.comparison import make_report
+from clipqa.report.comparison import make_folder_report, make_report
 from clipqa.tracking.preflight import server_errors
 from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES, PARENT_FILE, git_commit, override_key, read_parent
 from clipqa.tracking.tracker import MlflowTracker
@@ -39,7 +43,8 @@ class MlflowSweepCallback(Callback):
     """Hydra callback: a parent MLflow run per multirun, created before any job starts; closed at the end.
 
     Registered in ``conf/config.yaml`` under ``hydra.callbacks``. The sweep's comparison report is written into the
-    sweep folder and logged as artifacts of the parent run.
+    sweep folder and logged as artifacts of the parent run; with tracking off, there is no parent run and the report
+    is made from the job folders.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -56,7 +61,13 @@ class MlflowSweepCallback(Callback):
         atexit.register(self._close_if_unended, config)
 
     def _close_if_unended(self, config: DictConfig) -> None:
-        if self._ended or (found := _parent_client(config)) is None:
+        if self._ended:
+            return
+        if config.tracking.backend == "none":
+            log.warning("the sweep stopped before its end (a job failed?): the report covers the jobs that finished")
+            _folder_report(config)
+            return
+        if (found := _parent_client(config)) is None:
             return
         client, run_id, _ = found
         if client.get_run(run_id).info.status != "RUNNING":  # the Optuna sweeper closed it (fail_sweep)
@@ -98,8 +109,10 @@ class MlflowSweepCallback(Callback):
         self._end(config)
 
     def _end(self, config: DictConfig, error: str | None = None) -> None:
-        """Write the report of the sweep's jobs and close the parent run (FAILED if a job failed or ``error``)."""
+        """Write the report of the sweep's jobs and close the parent run (FAILED if a job failed or ``error``); with
+        tracking off, the report of its job folders."""
         if config.tracking.backend == "none":
+            _folder_report(config)
             return
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         parent = read_parent(str(sweep_dir))
@@ -120,7 +133,7 @@ class MlflowSweepCallback(Callback):
                 ids = ", ".join(f"'{r}'" for r in runs)
                 make_report(
                     parent["uri"], experiment_id=run.info.experiment_id, filter_string=f"attributes.run_id IN ({ids})",
-                    out=out,
+                    out=out, sweep_run_id=parent["run_id"],
                 )  # fmt: skip
             for f in sorted(out.iterdir()):
                 client.log_artifact(parent["run_id"], str(f), "report")
@@ -128,6 +141,17 @@ class MlflowSweepCallback(Callback):
         except Exception as e:  # a report problem must not hide the sweep's results
             log.warning("could not write the sweep report: %s", e)
         _close_parent(client, parent["run_id"], run.info.experiment_id, error=error)
+
+
+def _folder_report(config: DictConfig) -> None:
+    """The report of an untracked sweep, from its job folders, into ``<sweep dir>/report/``."""
+    sweep_dir = Path(config.hydra.sweep.dir).resolve()
+    try:
+        out = sweep_dir / "report"
+        make_folder_report(sweep_dir, out)
+        log.info("sweep report: %s (from the job folders: tracking is off <tracking.backend=none>)", out / "report.md")
+    except Exception as e:  # a report problem must not hide the sweep's results
+        log.warning("could not write the sweep report: %s", e)
 
 
 STUDY_TAG, STORAGE_TAG = "clipqa.optuna_study", "clipqa.optuna_storage"
