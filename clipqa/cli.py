@@ -94,14 +94,17 @@ def _old_config_flags(argv: list[str]) -> str:
 
 
 def report(argv: list[str] | None = None) -> None:
-    """``clipqa-report``: the comparison report (report.md, report.csv, charts) from MLflow runs."""
-    from clipqa.report.comparison import make_report
+    """``clipqa-report``: the comparison report (report.md, report.csv, report.tex, charts) from MLflow runs, or from
+    the job folders of a sweep run with tracking off."""
+    from clipqa.report.comparison import REPORT_FILES, make_folder_report, make_report
     from clipqa.tracking.preflight import fail_fast_http, server_errors
     from clipqa.tracking.run_info import PARENT_FILE, read_parent
     from clipqa.tracking.uris import resolve_uri
 
     p = argparse.ArgumentParser(
-        prog="clipqa-report", description="Compare MLflow runs: write report.md, report.csv and the charts."
+        prog="clipqa-report",
+        description="Compare MLflow runs, or an untracked sweep's job folders: write report.md, report.csv, "
+        "report.tex and the charts.",
     )
     p.add_argument(
         "--tracking-uri",
@@ -109,39 +112,50 @@ def report(argv: list[str] | None = None) -> None:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the project's mlflow.db)",
     )
     p.add_argument("--experiment", default="clipqa", help="MLflow experiment name")
-    p.add_argument("--out", required=True, help="folder for report.md, report.csv, comparison.png")
+    p.add_argument("--out", required=True, help="folder for report.md, report.csv, report.tex, comparison.png")
     p.add_argument("--parent", default=None, help="only the runs nested under this parent (sweep) run id")
-    p.add_argument("--sweep-dir", default=None, help=f"only the runs of the Hydra sweep in this folder ({PARENT_FILE})")
+    p.add_argument(
+        "--sweep-dir",
+        default=None,
+        help=f"only the runs of the Hydra sweep in this folder: its MLflow runs ({PARENT_FILE}), else, for a sweep "
+        "run with tracking off, its job folders (metrics.json, test_predictions.tsv, .hydra/overrides.yaml)",
+    )
     p.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"params.head.kind = 'vocab'\"")
     p.add_argument(
         "--baseline",
         default=None,
-        help="run id whose row every other row is compared with (default: V1 of the paper's versions, else the "
-        "sweep's first job)",
+        help="run id (for job folders: the job's folder, e.g. 0) whose row every other row is compared with "
+        "(default: V1 of the paper's versions, else the sweep's first job)",
     )
     a = p.parse_args(argv)
     parent = a.parent
-    if a.sweep_dir:
-        info = read_parent(a.sweep_dir)
-        if info is None:
-            p.error(f"{Path(a.sweep_dir) / PARENT_FILE} not found: is --sweep-dir a tracked Hydra multirun folder?")
-        parent = info["run_id"]
+    info = read_parent(a.sweep_dir) if a.sweep_dir else None
     try:
-        uri = resolve_uri(a.tracking_uri, "--tracking-uri", must_exist=True)
-        fail_fast_http()
-        with server_errors(uri, a.experiment, access="read", outcome="No report was written."):
-            path = make_report(
-                uri,
-                a.out,
-                experiment=a.experiment,
-                parent_run_id=parent,
-                filter_string=a.filter,
-                baseline_run_id=a.baseline,
-            )
+        if a.sweep_dir and info is None:  # an untracked sweep: read its job folders, no MLflow
+            if a.parent or a.filter:
+                raise ClipqaError(
+                    f"{a.sweep_dir} is a sweep run with tracking off (no {PARENT_FILE}): its report is made from "
+                    "its job folders, which --parent and --filter (MLflow selections) do not apply to. Leave them "
+                    "out, or pass --parent/--filter without --sweep-dir to report MLflow runs."
+                )
+            path = make_folder_report(a.sweep_dir, a.out, baseline_run_id=a.baseline)
+        else:
+            parent = info["run_id"] if info else parent
+            uri = resolve_uri(a.tracking_uri, "--tracking-uri", must_exist=True)
+            fail_fast_http()
+            with server_errors(uri, a.experiment, access="read", outcome="No report was written."):
+                path = make_report(
+                    uri,
+                    a.out,
+                    experiment=a.experiment,
+                    parent_run_id=parent,
+                    filter_string=a.filter,
+                    baseline_run_id=a.baseline,
+                )
     except ClipqaError as e:
         _fail("clipqa-report", str(e))
     print(path.read_text().split("\n\n![")[0])
-    print(f"\nwrote {path}, {path.with_name('report.csv')}, {path.with_name('comparison.png')}")
+    print(f"\nwrote {', '.join(str(path.with_name(f)) for f in REPORT_FILES)}")
 
 
 def sync(argv: list[str] | None = None) -> None:
