@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipqa.tracking.interrupts import ctrl_c_after
 from clipqa.tracking.pending import PENDING_FILE, encode_op
 from clipqa.tracking.preflight import fail_fast_http, first_use_lock, get_or_create_experiment, server_errors
+from clipqa.tracking.reaped import revive_if_reaped
 from clipqa.tracking.run_info import OVERRIDES_TAG, RunInfo, git_commit, overrides_tag, read_parent, run_name
 from clipqa.tracking.uris import resolve_uri, without_credentials
 
@@ -75,6 +76,8 @@ class MlflowTracker(Tracker):
     """
 
     RETRY_AFTER_S = 5.0  # after a failure, wait this long before trying the server again
+    REAPED_CHECK_S = 30.0  # this often (at a write), whether a reaper ended the run as a dead worker's: RUNNING again
+    _reaped_checked_at = float("-inf")
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -179,6 +182,7 @@ class MlflowTracker(Tracker):
 
         if error:
             self.set_tags({"error": error})
+        self._check_reaped(force=True)
         self._call("set_terminated", self.run_id, status=status)
         for _ in range(6):  # the server may be coming back: give the queue a last chance
             if not self.pending:
@@ -195,6 +199,17 @@ class MlflowTracker(Tracker):
             )
 
     # --- fault tolerance -----------------------------------------------------------------------------------------
+    def _check_reaped(self, force: bool = False) -> None:
+        """A run ended KILLED by a reaper while alive (clipqa.tracking.reaped) is RUNNING again."""
+        import time
+
+        if not self.pending and (force or time.monotonic() - self._reaped_checked_at >= self.REAPED_CHECK_S):
+            self._reaped_checked_at = time.monotonic()
+            try:
+                revive_if_reaped(self.client, self.run_id)
+            except Exception as e:  # the server is away: checked again later
+                log.debug("could not check whether run %s was reaped: %s", self.run_id, e)
+
     def _flush(self) -> bool:
         """Replay queued writes in order; True when the queue is empty."""
         import time
@@ -222,6 +237,8 @@ class MlflowTracker(Tracker):
         try:
             with ctrl_c_after():
                 getattr(self.client, method)(*args, **kwargs)
+            if method != "set_terminated":
+                self._check_reaped()
         except Exception as e:
             self.failed_at = time.monotonic()
             self.pending.append((method, args, kwargs))
