@@ -26,7 +26,7 @@ log = logging.getLogger("clipqa")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     from clipqa.config import validate
     from clipqa.overrides import warn_replaced_choices
-    from clipqa.sweep.optuna_trial import TrialJob, objective, pruning_callback
+    from clipqa.sweep.optuna_trial import TrialJob, objective, pruning_callback, record_run
 
     trial = TrialJob.from_env()  # set when the Optuna sweeper (hydra/sweeper=clipqa_optuna) launched this job
     try:
@@ -42,7 +42,9 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
         if trial is not None:  # clipqa.tracking.run_info.run_name reads the trial number from the overrides
             info.overrides.append(f"+optuna.trial={trial.number}")
         on_validation = pruning_callback(trial)  # val/acc to the trial, so it can prune (None: not pruned)
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir, info, on_validation)
+        out = HydraConfig.get().runtime.output_dir
+        with record_run(trial, out):  # its MLflow run id on the trial, for a worker that reaps it if this one dies
+            metrics = train(cfg, out, info, on_validation)
         value = objective(metrics, trial)  # val/acc, or hydra.sweeper.metric_names (a tuple for several objectives)
     except Preempted as e:
         log.warning("clipqa: %s", e)
