@@ -73,6 +73,7 @@ class OptunaSweeperImpl(Sweeper):
         self.grace_period, self.max_retry = int(grace_period), int(max_retry)
         self.hooks: list[Any] = []
         self._reseeded = False
+        self._info: Study | None = None  # the study as the hooks see it, once open (reaping needs it)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -180,7 +181,13 @@ class OptunaSweeperImpl(Sweeper):
             return None, optuna.storages.InMemoryStorage(), "memory (hydra.sweeper.storage=null)"
         url = absolute_storage_url(str(self.storage_url))  # jobs open the same storage whatever their folder
         os.environ[STORAGE_ENV] = url  # the jobs' way to the password (they inherit this process's environment)
-        return url, make_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry), shown_url(url)
+        storage = make_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry, self._reaped)
+        return url, storage, shown_url(url)
+
+    def _reaped(self, study, trial, reason: str) -> None:
+        """A trial failed here for its dead worker, or lost by its launcher: the hooks end what it left open."""
+        if self._info is not None:
+            call(self.hooks, "on_trial_reaped", self._info, trial, reason)
 
     def _sampler(self, n_existing: int, distributions: dict[str, Any]):
         """The sampler of hydra.sweeper.sampler (``_target_`` + its arguments). A resumed study (n_existing trials)
@@ -254,7 +261,8 @@ class OptunaSweeperImpl(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        return Study(self.config, study, self.study_name, shown_url(url), dirs, names, sweep_dir)
+        self._info = Study(self.config, study, self.study_name, shown_url(url), dirs, names, sweep_dir)
+        return self._info
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def _run(self, run: _Run, custom) -> None:
@@ -275,7 +283,11 @@ class OptunaSweeperImpl(Sweeper):
                         run.study, run.storage, trial, ret, len(run.info.directions), run.grid, self.grace_period
                     )
                     beats.discard(trial._trial_id)
-                    call(self.hooks, "on_trial_end", run.info, run.storage.get_trial(trial._trial_id), reason)
+                    frozen = run.storage.get_trial(trial._trial_id)
+                    if reason is not None and _results.job_lost(ret):  # vanished: retried as a dead worker's
+                        _workers.retry_trial(run.study, frozen, self.max_retry)
+                        _workers.reap(self._reaped, run.study, frozen, f"{reason}; reaped by {_workers.worker_name()}")
+                    call(self.hooks, "on_trial_end", run.info, frozen, reason)
                     if reason is not None:
                         run.failures.append(f"trial {trial.number} ({_show_params(trial.params)}): {reason}")
                 if run.failures and len(run.failures) / run.launched > self.max_failure_rate:
@@ -313,6 +325,7 @@ class OptunaSweeperImpl(Sweeper):
                         f"hydra.sweeper.custom_search_space={self.custom_search_space} raised "
                         f"{type(e).__name__}: {e}. It is called as function(config, trial) after each ask."
                     ) from None
+            call(self.hooks, "on_trial_start", run.info, trial)
         return trials
 
     def _launch(self, run: _Run, trials: list, job_idx: int):

@@ -85,6 +85,12 @@ def tell(study, storage, trial, ret: JobReturn, n_objectives: int, grid: bool, g
     return None
 
 
+def job_lost(ret: JobReturn) -> bool:
+    """Whether the launcher reported the job lost outside the app (it vanished from the cluster: killed, its node
+    gone), by an exception with ``job_lost = True``: the trial is then retried like a dead worker's."""
+    return ret.status != JobStatus.COMPLETED and bool(getattr(ret._return_value, "job_lost", False))
+
+
 def tell_failed(study, trials, reason: str) -> None:
     from optuna.trial import TrialState
 

@@ -84,13 +84,13 @@ def retry_race(fn: Callable[[], Any], what: str, attempts: int = RACE_ATTEMPTS, 
 
 
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int = 0):  # fmt: skip
+                 max_retry: int = 0, on_reaped: Callable[[Any, Any, str], None] | None = None):  # fmt: skip
     """An Optuna storage from a URL: any RDB URL (sqlite:///..., postgresql://...) or ``journal:///path/file.log``.
 
     A relative path is made absolute, so every job of a sweep opens the same file. With ``heartbeat_interval``
     (RDB storages; ``hydra.sweeper.heartbeat_interval``): a trial whose heartbeat is older than ``grace_period``
     seconds is failed by :func:`._workers.fail_stale_trials` and retried up to ``max_retry`` times with the same
-    parameters.
+    parameters, then handed to ``on_reaped(study, trial, reason)`` (:func:`._workers.stale_trial_callback`).
     """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -105,7 +105,7 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     kwargs: dict[str, Any] = {}
     if heartbeat_interval:
         kwargs = {"heartbeat_interval": int(heartbeat_interval), "grace_period": int(grace_period or 0) or None}
-        kwargs.update(stale_trial_callback(max_retry))
+        kwargs.update(stale_trial_callback(max_retry, grace_period, on_reaped))
 
     def create():
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna (since 2.0)

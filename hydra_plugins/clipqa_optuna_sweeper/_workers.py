@@ -6,7 +6,8 @@ never pass ``n_trials``; :class:`Heartbeats` records, from the sweeper process, 
 for while its job runs (whatever the launcher: the sweeper waits for its jobs), so a trial counts as alive exactly
 while the sweeper that asked for it is. Any worker fails the trials of a worker that stopped beating
 (:func:`fail_stale_trials`) and retries each with the same parameters up to ``max_retry`` times
-(:func:`stale_trial_callback`); :func:`trials_used` counts a failed trial and its retry once, so a worker's death
+(:func:`stale_trial_callback`), then hands it to the host's reaper (the hooks' ``on_trial_reaped``: the dead worker's
+tracking runs ended); :func:`trials_used` counts a failed trial and its retry once, so a worker's death
 costs no trial of the budget. :func:`ask` and :func:`wait_for_other_workers` are the sweeper's two steps built on them.
 """
 
@@ -33,35 +34,71 @@ def _retry_class():
     return renamed or optuna.storages.RetryFailedTrialCallback
 
 
-def stale_trial_callback(max_retry: int) -> dict[str, Any]:
-    """The RDBStorage argument (its name depends on Optuna's version) called, in whichever worker noticed, for each
-    trial failed for want of heartbeats: logged, and retried with the same parameters (a new trial, WAITING for the
-    next ask of any worker) up to ``max_retry`` times."""
-    import inspect
+def worker_name() -> str:
+    """This sweeper process as reasons name it: ``host pid N``."""
+    import os
+    import socket
 
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _retry(max_retry: int):
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = _retry_class()(max_retry=max_retry) if max_retry > 0 else None
+        return _retry_class()(max_retry=max_retry) if max_retry > 0 else None
+
+
+def retry_trial(study, trial, max_retry: int) -> bool:
+    """A copy of the failed ``trial`` (same parameters, WAITING for the next ask of any worker), as Optuna's retry
+    callback makes it, unless it was retried ``max_retry`` times already; True when a copy was added."""
+    import optuna
+
+    retry = _retry(max_retry)
+    if retry is None or len(retry_history(trial)) >= max_retry:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry(study, trial)
+    return True
+
+
+def stale_trial_callback(max_retry: int, grace_period: int | None = None,
+                         on_reaped: Callable[[Any, Any, str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The RDBStorage argument (its name depends on Optuna's version) called, in whichever worker noticed, for each
+    trial failed for want of heartbeats: logged, retried with the same parameters (a new trial, WAITING for the
+    next ask of any worker) up to ``max_retry`` times, then ``on_reaped(study, trial, reason)`` (the sweeper's hooks:
+    the host ends what the dead worker left open). A reaper that raises is logged: the sweep goes on."""
+    import inspect
+
+    import optuna
 
     def on_stale(study, trial) -> None:
         history = retry_history(trial)
-        retried = retry is not None and len(history) < max_retry
+        retried = retry_trial(study, trial, max_retry)
         log.warning(
             "trial %d: no heartbeat from the sweeper that ran it for longer than the grace period (the process or "
             "its machine died): FAIL%s",
             trial.number,
             ", retried with the same parameters" if retried else f" (retried {len(history)} time(s) already)",
         )
-        if retry is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry(study, trial)
+        if on_reaped is not None:
+            grace = f" for over {grace_period} s (hydra.sweeper.grace_period)" if grace_period else ""
+            reap(on_reaped, study, trial, f"no heartbeat from its sweeper{grace}: that worker died; "
+                 f"reaped by {worker_name()}")  # fmt: skip
 
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
     return {name: on_stale}
+
+
+def reap(on_reaped: Callable[[Any, Any, str], None], study, trial, reason: str) -> None:
+    """``on_reaped(study, trial, reason)``, an error logged (reaping runs inside another worker's ask)."""
+    try:
+        on_reaped(study, trial, reason)
+    except Exception as e:
+        log.warning("trial %d: reaping what it left open failed: %s: %s", trial.number, type(e).__name__, e)
 
 
 def retry_history(trial) -> list[int]:

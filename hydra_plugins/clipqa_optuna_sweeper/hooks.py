@@ -15,7 +15,15 @@ Order of the calls in one sweep process (several workers on one study each call 
 1. ``defaults(config, directions)``: before the study opens; values for ``storage``, ``study_name`` and
    ``metric_names`` that the user left null (the first hook that gives a key wins; the user's value always does).
 2. ``on_study_start(study)``: the study is open, no trial asked yet by this process.
-3. ``on_trial_end(study, trial, reason)``: after each trial is told (``reason``: why it failed, else None).
+3. ``on_trial_start(study, trial)``: each trial this process asked for, before its job is launched (a place to
+   note on the trial what a later reaper needs, e.g. ``trial.set_user_attr(...)``).
+   ``on_trial_end(study, trial, reason)``: after each trial is told (``reason``: why it failed, else None).
+   ``on_trial_reaped(study, trial, reason)``: a trial that will never be told by the process that ran it, FAIL now
+   (and retried, up to ``max_retry``): another worker's, failed here for want of heartbeats (that worker died), or
+   this process's own whose job vanished from the cluster (its launcher reported it lost: an exception with
+   ``job_lost = True``). ``reason`` says which and names this process (``host pid N``). The host ends what the
+   dead job left open (a tracking run); ``trial.user_attrs`` holds what its job or hooks noted. Called in whichever
+   worker reaps, so a hook that raises is logged and the sweep goes on.
 4. ``on_sweep_end(study, results)``: the results file is written (also just before a sweep stopped by
    ``max_failure_rate``, so a partial study is still tagged).
 5. ``on_sweep_failed(config, error)``: the sweep stops with an error it can name (a bad setting, too many failed
@@ -66,7 +74,13 @@ class SweepHooks:
     def on_study_start(self, study: Study) -> None:
         pass
 
+    def on_trial_start(self, study: Study, trial: Any) -> None:
+        pass
+
     def on_trial_end(self, study: Study, trial: Any, reason: str | None) -> None:
+        pass
+
+    def on_trial_reaped(self, study: Study, trial: Any, reason: str) -> None:
         pass
 
     def on_sweep_end(self, study: Study, results: Results) -> None:
