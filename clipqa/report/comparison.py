@@ -39,6 +39,7 @@ from clipqa.report.folders import folder_runs, history_curves, sweep_command
 from clipqa.report.paired import PREDICTIONS, compare, pick_baseline, read_correctness
 from clipqa.report.render import pareto_section, write_csv, write_latex, write_markdown
 from clipqa.report.runs import select_runs, summarise
+from clipqa.tracking.reaped import REAPED_TAG
 from clipqa.tracking.run_info import NOT_VARIANT_PREFIXES, OVERRIDES_TAG, override_key, overrides_from_tag
 from clipqa.tracking.uris import resolve_uri
 
@@ -73,7 +74,10 @@ def make_report(
     experiment = experiment or client.get_experiment(experiment_id).name
     runs = select_runs(client, experiment_id, parent_run_id, filter_string)
     done = [r for r in runs if r.info.status == "FINISHED" and TEST_ACC in r.data.metrics]
-    skipped = [f"{r.info.run_name} ({r.info.status})" for r in runs if r not in done]
+    reaped = [r.info.run_name for r in runs if r not in done and REAPED_TAG in r.data.tags]  # dead workers' runs
+    skipped = [f"{r.info.run_name} ({r.info.status})" for r in runs if r not in done and REAPED_TAG not in r.data.tags]
+    if reaped:  # counted apart from failed runs: their worker died, another ended them (clipqa.sweep.reaping)
+        skipped.append(f"{len(reaped)} reaped (KILLED: their worker died; its trials retried): {', '.join(reaped)}")
     if not done:
         raise ClipqaError(
             f"No finished runs with {TEST_ACC} in experiment {experiment or experiment_id} at {uri}"
