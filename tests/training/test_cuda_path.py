@@ -81,13 +81,12 @@ def test_one_epoch_under_cuda_graphs_has_at_most_one_shape_per_bucket(cache_dir)
     """A graph is recorded per (B, T): the last partial batch (and skipped images) must not add shapes. 900
     training questions at batch 32 leave a last batch of 4, padded to 32 rows whose label the loss ignores."""
     cfg, loaders = loaders_for(cache_dir, "trainer.compile=reduce-overhead", BUCKETS)
-    shapes, real = set(), 0
-    for batch in loaders.train:
-        shapes.add(tuple(batch["input_ids"].shape))
-        real += batch["n_real"]
-        assert (batch["labels"][batch["n_real"] :] == -100).all()
+    batches = list(loaders.train)
+    shapes = {tuple(b["input_ids"].shape) for b in batches}  # (B, T)
     assert len(shapes) <= len(cfg.trainer.length_buckets), shapes
-    assert {b for b, _ in shapes} == {cfg.trainer.batch_size}
+    assert {b for b, _ in shapes} == {cfg.trainer.batch_size}, shapes  # one B: shapes = the buckets' T at most
+    real = sum(b["n_real"] for b in batches)
+    assert all((b["labels"][b["n_real"] :] == -100).all() for b in batches)
     assert real == len(loaders.train.dataset)
 
 
