@@ -75,7 +75,7 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
     n, k = len(rows), len(keys)
     width = 0.8 / k
     compared = [r for r in rows if r.get("diff") is not None]
-    left = max(6.0, 1.3 * n + 2)
+    left = max(6.0, 1.7 * n + 1.5)  # room for a name wrapped at 20 characters under each group of bars
     if compared:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(left + 6, 5.5), width_ratios=[left, 6], layout="constrained")
     else:
@@ -90,7 +90,7 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
     prior = [r.get("test/prior_acc") for r in rows]
     if any(p is not None for p in prior):
         ax.scatter(x, [p or 0 for p in prior], marker="_", s=400, color="black", zorder=3, label="answer prior")
-    ax.set_xticks(x, [wrap_label(r["variant"]) for r in rows], rotation=20, ha="right", rotation_mode="anchor")
+    ax.set_xticks(x, [wrap_label(r["variant"], 20) for r in rows], fontsize=8)
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy per variant\n(error bars: 95% interval)")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=k + 1, fontsize=8)
     if compared:
@@ -101,8 +101,8 @@ def comparison_chart(rows: list[dict], path: Path) -> None:
         for yi, di, r in zip(y, d, compared, strict=True):
             ax2.plot(di, yi, "o", color="C3", fillstyle="full" if r.get("significant") else "none", markersize=8)
         ax2.axvline(0, color="black", linewidth=0.8)
-        ax2.set_yticks(y, [wrap_label(r["variant"]) for r in compared])
-        ax2.invert_yaxis()
+        ax2.set_yticks(y, [wrap_label(r["variant"]) for r in compared], fontsize=8)
+        ax2.set_ylim(len(compared) - 0.4, -0.6)  # top to bottom, with room for a name of several lines
         baseline = wrap_label(f"accuracy difference vs {compared[0]['baseline']} (points)", 48)
         ax2.set(xlabel=baseline, title="Paired difference vs the baseline\n(95% interval; filled: significant)")
     fig.savefig(path, dpi=100)

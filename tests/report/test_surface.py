@@ -80,6 +80,9 @@ def test_comparison_png_keeps_every_title_label_and_legend_inside_and_off_the_ba
         for legend in legends:
             box = legend.get_window_extent(renderer)
             assert not any(box.overlaps(bar) for bar in bars), "the legend covers a bar"
+        for ax in fig.axes:  # the variant names do not run into each other
+            names = [t.get_window_extent(renderer) for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+            assert not any(a.overlaps(b) for i, a in enumerate(names) for b in names[i + 1 :]), "names overlap"
         titles = [ax.get_title() for ax in fig.axes]
         assert any("Paired difference" in t for t in titles)
     finally:
