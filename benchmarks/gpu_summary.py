@@ -36,18 +36,23 @@ def summarise(out: Path) -> dict:
         "seconds": sum(p["seconds"] for p in parts),
         "pytest_gpu": pytest_counts(out / "pytest-gpu.xml"),
     }
-    if tp:
+    if tp:  # a part stopped by its time limit leaves the stages it finished (stages_done), complete=false
         keys = ("original_examples_per_s", "clipqa_examples_per_s", "clipqa_cls_examples_per_s", "speedup_cached")
         summary["throughput"] = {k: tp.get(k) for k in (*keys, "original_mfu", "clipqa_mfu", "clipqa_cls_mfu")}
+        summary["throughput"] |= {k: tp.get(k) for k in ("complete", "stages_done")}
     if t1:
-        table = t1["table1_projected"]
+        table = t1.get("table1_projected") or {}
+        projected = table.get("total_seconds")
+        cache = t1.get("coco_cache_build_seconds_projected")
         summary["table1"] = {
-            "v2_steps_per_s_batch8": t1["v2_steps_per_s"],
-            "text_trains_steps_per_s": t1["text_trains_steps_per_s"],
-            "eval_questions_per_s": t1["eval_questions_per_s"],
-            "projected_table1_minutes": round(table["total_seconds"] / 60, 1),
-            "projected_breakdown_s": {k: table[k] for k in ("train_seconds", "eval_seconds", "startup_seconds")},
-            "coco_cache_build_minutes": round(t1["coco_cache_build_seconds_projected"] / 60, 1),
+            "v2_steps_per_s_batch8": t1.get("v2_steps_per_s"),
+            "text_trains_steps_per_s": t1.get("text_trains_steps_per_s"),
+            "eval_questions_per_s": t1.get("eval_questions_per_s"),
+            "projected_table1_minutes": round(projected / 60, 1) if projected is not None else None,
+            "projected_breakdown_s": {k: table.get(k) for k in ("train_seconds", "eval_seconds", "startup_seconds")},
+            "coco_cache_build_minutes": round(cache / 60, 1) if cache is not None else None,
+            "complete": t1.get("complete"),
+            "stages_done": t1.get("stages_done"),
             "goal": ">= ~120 V2 steps/s and <= 10 minutes for the table",
         }
     return summary

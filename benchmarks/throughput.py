@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -66,6 +67,28 @@ PEAK_BF16_FLOPS = {
 
 def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+class PartialResult(dict):
+    """The result so far, rewritten (atomically) to ``path`` after every stage, so a part that benchmarks/gpu.sh's
+    time limit stops still leaves the figures of the stages it finished: ``stages_done`` lists them, ``complete`` is
+    true only at the end."""
+
+    def __init__(self, path: str | None, **fields):
+        super().__init__(fields, stages_done=[], complete=False)
+        self.path = Path(path) if path else None
+        self.write()
+
+    def stage(self, name: str, **figures) -> None:
+        self.update(figures)
+        self["stages_done"].append(name)
+        self.write()
+
+    def write(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self, indent=1) + "\n")
+            os.replace(tmp, self.path)
 
 
 # COCO-QA-like questions: 8-14 words, four types, one-word answers.
@@ -196,7 +219,7 @@ def clipqa_overrides(work: Path, vision_dir: Path, text_dir: Path, device: str, 
         "head.readout=last",
         f"trainer.max_steps={steps}",
         "trainer.eval_every=1000000",
-        "trainer.checkpoint_every=1000000",
+        "trainer.checkpoint_every=null",  # no resume checkpoints at all (not even at epoch ends): not what is timed
         "trainer.save_checkpoint=false",
         f"trainer.device={device}",
         "tracking=none",
@@ -240,12 +263,16 @@ def run_clipqa(work: Path, name: str, overrides: list[str], warmup: int) -> tupl
     return metrics, wall
 
 
-def clipqa_flops_per_example(overrides: list[str]) -> tuple[float, float]:
+def clipqa_flops_per_example(overrides: list[str], device_type: str = "cpu") -> tuple[float, float]:
     """FLOPs of one clipqa V2 training step (forward + backward, from cached features) / batch size, with all 50
-    image tokens and with the CLS token only."""
+    image tokens and with the CLS token only, in the layout that trains on ``device_type``: packed real tokens on a
+    CPU; on CUDA (CUDA graphs) the padded layout over the bucketed question length, every position computed. Counted
+    on the CPU either way (a FLOP count does not depend on where it runs)."""
     from clipqa.config import validate
+    from clipqa.data.cocoqa import bucket_lengths
     from clipqa.models.backbones import load_backbone
     from clipqa.models.freeze import apply_freeze
+    from clipqa.models.packed_text import encode_packed
     from clipqa.training.build import build_model
 
     cfg = validate(compose(overrides))
@@ -254,9 +281,18 @@ def clipqa_flops_per_example(overrides: list[str]) -> tuple[float, float]:
     apply_freeze(model, vision=True, text=True, mapper=False)
     enc = backbone.tokenizer([question(random.Random(i))[0] for i in range(BATCH)], padding=True, return_tensors="pt")
 
+    graphs = device_type == "cuda"
+    if graphs:
+        model.graphed_text = encode_packed  # what the compiled graphs compute: rows=None, the padded layout
+
     def step(n_tokens: int):
         feats = torch.randn(BATCH, n_tokens, 768).half()
-        logits = model(enc["input_ids"], enc["attention_mask"], image_features=feats)
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+        if graphs:  # the loader's bucket for this batch: T + n_tokens a multiple of 16
+            lengths = bucket_lengths(list(cfg.trainer.length_buckets), cfg.backbone.image_position_offset, n_tokens)
+            pad = next(t for t in lengths if t >= ids.shape[1]) - ids.shape[1]
+            ids, mask = F.pad(ids, (0, pad), value=backbone.tokenizer.pad_token_id), F.pad(mask, (0, pad))  # (B, T')
+        logits = model(ids, mask, image_features=feats)
         torch.nn.functional.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)).backward()
 
     return count_flops(partial(step, 50)) / BATCH, count_flops(partial(step, 1)) / BATCH
@@ -291,9 +327,36 @@ def main(argv: list[str] | None = None) -> dict:
         vision_dir, text_dir = write_models(work / "models", text)
         overrides = clipqa_overrides(work, vision_dir, text_dir, device.type, steps + args.warmup)
 
+        result = PartialResult(
+            args.out,
+            steps=steps,
+            batch_size=BATCH,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            threads=torch.get_num_threads(),
+            original_to_tensor=original.TO_TENSOR,
+            torch=torch.__version__,
+        )
+        peak = peak_flops(result["device"]) if device.type == "cuda" else None
+        if device.type == "cuda":
+            result["peak_bf16_flops"] = peak
+
+        def mfu(rate: float, flops: float) -> dict:  # model FLOPs utilisation, on CUDA only
+            return {"mfu": round(rate * flops / peak, 4) if peak else None} if device.type == "cuda" else {}
+
+        say("[flops] FLOPs per example of clipqa's training step, in the layout this device trains")
+        flops_b, flops_c = clipqa_flops_per_example(overrides, device.type)
+        result.stage("flops", clipqa_flops_per_example=flops_b, clipqa_cls_flops_per_example=flops_c)
+
         say(f"[a] original script: one run of {args.warmup} warm-up + {steps} timed steps of batch {BATCH}")
         a = run_original(work, vision_dir, text_dir, device, steps, args.warmup)
         say(f"    {a['examples_per_s']:.2f} examples/s; whole run {a['wall_seconds']:.1f} s")
+        result.stage(
+            "original",
+            original_examples_per_s=round(a["examples_per_s"], 3),
+            original_run_seconds=round(a["wall_seconds"], 1),
+            original_flops_per_example=a["flops_per_example"],
+            **{f"original_{k}": v for k, v in mfu(a["examples_per_s"], a["flops_per_example"]).items()},
+        )
 
         say("[cache] clipqa-cache (all 50 tokens)")
         from clipqa.cli import cache as cache_main
@@ -301,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         cache_main(overrides)
         cache_seconds = time.perf_counter() - t0
+        result.stage("cache", cache_build_seconds=round(cache_seconds, 1))
 
         sweep, walls = {}, []
         for lr in lrs:
@@ -308,52 +372,42 @@ def main(argv: list[str] | None = None) -> dict:
             m, wall = run_clipqa(work, f"lr{lr}", overrides + [f"optimizer.lr={lr}"], args.warmup)
             sweep[lr], walls = m, walls + [wall]
             say(f"    {m['steady_examples_per_s']:.2f} examples/s, run wall {wall:.1f} s")
-        b = sweep["1e-4"]
+            figures = {f"sweep{n}_run_seconds": [round(w, 1) for w in walls]}
+            if lr == "1e-4":
+                rate = m["steady_examples_per_s"]
+                figures |= {
+                    "clipqa_examples_per_s": round(rate, 3),
+                    "speedup_cached": round(rate / a["examples_per_s"], 2),
+                    "clipqa_examples_per_s_all_steps": round(m["train/examples_per_s"], 3),  # warm-up steps included
+                    **{f"clipqa_{k}": v for k, v in mfu(rate, flops_b).items()},
+                }
+            result.stage(f"b lr={lr}", **figures)
+        sweep_wall = cache_seconds + sum(walls)
+        result.stage(
+            "sweep",
+            **{
+                f"sweep{n}_seconds": round(sweep_wall, 1),
+                f"original{n}_seconds": round(n * a["wall_seconds"], 1),
+                f"sweep{n}_speedup": round(n * a["wall_seconds"] / sweep_wall, 2),
+            },
+        )
 
         say(f"[c] clipqa V2 with image_tokens=cls, {steps + args.warmup} steps (builds its own, 50x smaller cache)")
         c, c_wall = run_clipqa(work, "cls", overrides + ["image_tokens=cls"], args.warmup)
         say(f"    {c['steady_examples_per_s']:.2f} examples/s")
-
-        flops_b, flops_c = clipqa_flops_per_example(overrides)
-        sweep_wall = cache_seconds + sum(walls)
-        result = {
-            "original_examples_per_s": round(a["examples_per_s"], 3),
-            "clipqa_examples_per_s": round(b["steady_examples_per_s"], 3),
-            "clipqa_cls_examples_per_s": round(c["steady_examples_per_s"], 3),
-            "speedup_cached": round(b["steady_examples_per_s"] / a["examples_per_s"], 2),
-            "speedup_cls": round(c["steady_examples_per_s"] / a["examples_per_s"], 2),
-            "clipqa_examples_per_s_all_steps": round(b["train/examples_per_s"], 3),  # warm-up steps included
-            "clipqa_cls_examples_per_s_all_steps": round(c["train/examples_per_s"], 3),
-            f"sweep{n}_seconds": round(sweep_wall, 1),
-            f"original{n}_seconds": round(n * a["wall_seconds"], 1),
-            f"sweep{n}_speedup": round(n * a["wall_seconds"] / sweep_wall, 2),
-            f"sweep{n}_run_seconds": [round(w, 1) for w in walls],
-            "original_run_seconds": round(a["wall_seconds"], 1),
-            "cache_build_seconds": round(cache_seconds, 1),
-            "steps": steps,
-            "batch_size": BATCH,
-            "original_flops_per_example": a["flops_per_example"],
-            "clipqa_flops_per_example": flops_b,
-            "clipqa_cls_flops_per_example": flops_c,
-            "peak_rss_gib": round(peak_rss_gib(), 3),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "threads": torch.get_num_threads(),
-            "original_to_tensor": original.TO_TENSOR,
-            "torch": torch.__version__,
-        }
-        if device.type == "cuda":
-            peak = peak_flops(result["device"])
-            result["peak_bf16_flops"] = peak
-            for key, rate, flops in [
-                ("original_mfu", a["examples_per_s"], a["flops_per_example"]),
-                ("clipqa_mfu", b["steady_examples_per_s"], flops_b),
-                ("clipqa_cls_mfu", c["steady_examples_per_s"], flops_c),
-            ]:
-                result[key] = round(rate * flops / peak, 4) if peak else None
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        rate = c["steady_examples_per_s"]
+        result.stage(
+            "cls",
+            clipqa_cls_examples_per_s=round(rate, 3),
+            speedup_cls=round(rate / a["examples_per_s"], 2),
+            clipqa_cls_examples_per_s_all_steps=round(c["train/examples_per_s"], 3),
+            **{f"clipqa_cls_{k}": v for k, v in mfu(rate, flops_c).items()},
+        )
+        result["peak_rss_gib"] = round(peak_rss_gib(), 3)
+        result["complete"] = True
+        result.write()
         print(json.dumps(result))
-        return result
+        return dict(result)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
