@@ -68,6 +68,7 @@ class TinyBackboneConfig:
     text_layers: int = MISSING
     heads: int = MISSING
     vocab_size: int = MISSING  # WordPiece vocabulary trained on the data's own text (pretrained: on its corpus)
+    text_family: str = MISSING  # distilbert | bert (a BERT-style text model: token types, a pooler-free BertModel)
     seed: int = MISSING
     pretrain: TinyPretrainConfig | None = MISSING  # None: random init
 
@@ -348,6 +349,8 @@ def _check_backbone(b: BackboneConfig) -> None:
         fix = "use 64 (COCO-QA questions are shorter than 64 tokens)"
         _fail("backbone.image_position_offset", b.image_position_offset, "must be >= 1", fix)
     pre = b.tiny.pretrain if b.tiny is not None else None
+    if b.tiny is not None and b.tiny.text_family not in ("distilbert", "bert"):
+        _fail("backbone.tiny.text_family", b.tiny.text_family, "unknown tiny text model", "choose distilbert or bert")
     for key in ("documents", "pictures", "text_steps", "vision_steps", "batch_size", "lr") if pre is not None else ():
         if pre[key] <= 0:
             _fail(f"backbone.tiny.pretrain.{key}", pre[key], "must be > 0", "see conf/backbone/tiny_pretrained.yaml")

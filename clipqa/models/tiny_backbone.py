@@ -19,6 +19,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    BertTokenizerFast,
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -39,7 +43,10 @@ PRETRAIN_VERSION = 1
 
 
 def _key(tcfg: DictConfig, train_text: list[str] | None) -> str:
-    h = hashlib.sha256(json.dumps(OmegaConf.to_container(tcfg, resolve=True), sort_keys=True).encode())
+    described = OmegaConf.to_container(tcfg, resolve=True)
+    if described.get("text_family") == "distilbert":  # the key before text_family existed: existing builds stay valid
+        del described["text_family"]
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     if tcfg.pretrain is not None:  # the pretrained preset does not depend on the run's data, only on its code
         h.update(f"pretrain-v{PRETRAIN_VERSION}".encode())
     for line in train_text if tcfg.pretrain is None else []:
@@ -76,23 +83,37 @@ def build_tiny(tcfg: DictConfig, cache_dir: str | Path, train_text: list[str] | 
                 patch_size=tcfg.patch_size,
             )
         )
-        text_config = DistilBertConfig(
-            vocab_size=len(tokenizer),
-            dim=tcfg.text_dim,
-            hidden_dim=4 * tcfg.text_dim,
-            n_layers=tcfg.text_layers,
-            n_heads=tcfg.heads,
-            max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        if pcfg is None:
-            text = DistilBertModel(text_config)
+        bert = tcfg.get("text_family", "distilbert") == "bert"  # a BERT-style text model (sweep=tiny_backbones)
+        if bert:
+            text_config = BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=tcfg.text_dim,
+                intermediate_size=4 * tcfg.text_dim,
+                num_hidden_layers=tcfg.text_layers,
+                num_attention_heads=tcfg.heads,
+                max_position_embeddings=256,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         else:
-            mlm = DistilBertForMaskedLM(text_config)
+            text_config = DistilBertConfig(
+                vocab_size=len(tokenizer),
+                dim=tcfg.text_dim,
+                hidden_dim=4 * tcfg.text_dim,
+                n_layers=tcfg.text_layers,
+                n_heads=tcfg.heads,
+                max_position_embeddings=256,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        if pcfg is None:
+            text = BertModel(text_config, add_pooling_layer=False) if bert else DistilBertModel(text_config)
+        else:
+            mlm = (BertForMaskedLM if bert else DistilBertForMaskedLM)(text_config)
             with tqdm(total=pcfg.text_steps + pcfg.vision_steps, unit="step", file=sys.stderr) as bar:
                 tiny_pretrain.pretrain_text(mlm, tokenizer, pcfg, bar)
                 tiny_pretrain.pretrain_vision(vision, processor, pcfg, bar)
-            text = mlm.distilbert
+            text = mlm.base_model  # the encoder without its masked-LM head
+        if bert:  # the same WordPiece vocabulary, under BERT's tokenizer class (what AutoTokenizer will load)
+            tokenizer = _as_wordpiece_tokenizer(tokenizer.backend_tokenizer, BertTokenizerFast)
     vision.save_pretrained(tmp / "vision")
     processor.save_pretrained(tmp / "vision")
     text.save_pretrained(tmp / "text")
@@ -113,7 +134,7 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> DistilBertTokenizerFas
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    return _as_distilbert_tokenizer(tok)
+    return _as_wordpiece_tokenizer(tok)
 
 
 def word_tokenizer(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast:
@@ -135,10 +156,11 @@ def word_tokenizer(texts: list[str], vocab_size: int) -> DistilBertTokenizerFast
     vocab = dict.fromkeys([*SPECIAL_TOKENS, *sorted(kept), *pieces])
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizer, split
-    return _as_distilbert_tokenizer(tok)
+    return _as_wordpiece_tokenizer(tok)
 
 
-def _as_distilbert_tokenizer(tok) -> DistilBertTokenizerFast:
+def _as_wordpiece_tokenizer(tok, cls=DistilBertTokenizerFast):
+    """A WordPiece ``tokenizers.Tokenizer`` as a transformers tokenizer of class ``cls``: [CLS] q [SEP]."""
     from tokenizers import decoders, processors
 
     tok.decoder = decoders.WordPiece()
@@ -148,7 +170,7 @@ def _as_distilbert_tokenizer(tok) -> DistilBertTokenizerFast:
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    return DistilBertTokenizerFast(
+    return cls(
         tokenizer_object=tok,
         unk_token="[UNK]",
         pad_token="[PAD]",
