@@ -122,6 +122,18 @@ def test_the_end_of_sweep_callback_writes_an_untracked_sweeps_report(tmp_path, c
     assert {p.name for p in (sweep / "report").iterdir()} >= {"report.md", "report.csv", "report.tex"}
 
 
+def test_an_untracked_sweep_stopped_by_a_failed_job_still_leaves_the_report_of_the_jobs_that_ran(tmp_path, caplog):
+    """Hydra's basic sweeper raises at a failed job and skips on_multirun_end: the report is written at exit."""
+    sweep = untracked_sweep(tmp_path)
+    callback = MlflowSweepCallback()
+    callback._ended = False  # (as on_multirun_start leaves it)
+    callback._close_if_unended(
+        OmegaConf.create({"tracking": {"backend": "none"}, "hydra": {"sweep": {"dir": str(sweep)}}})
+    )
+    assert "job 3: no metrics.json" in (sweep / "report" / "report.md").read_text()
+    assert "the sweep stopped before its end" in caplog.text
+
+
 def test_clipqa_report_sweep_dir_reads_an_untracked_sweep_without_mlflow(tmp_path, capsys, monkeypatch):
     """``--sweep-dir`` once failed for want of .clipqa_mlflow_parent.json; now it writes the callback's report.md."""
     sweep = untracked_sweep(tmp_path)
