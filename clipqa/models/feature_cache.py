@@ -14,8 +14,11 @@ Store layout (one folder per key under ``features.dir``, default ``<paths.cache_
 
 The key is a hash of everything the features depend on: the vision weights (a digest of every tensor), the
 vision config, the image processor's class and settings, the token selection (``image_tokens``), the stored
-dtype, the library versions that decode and compute (Pillow, torch, transformers), and every image's file name,
-size and modification time. A changed input gives a new key, so a stale entry cannot be read.
+dtype, the library releases that decode and compute (Pillow, torch without its build tag, transformers), and every
+image's file name, size and modification time. A changed input gives a new key, so a stale entry cannot be read.
+torch's build tag (``+cu124``, ``+cpu``) is left out so that CPU and GPU nodes share one store: the build runs CLIP
+in fp32 with TF32 off (cuDNN allows it by default for the patch convolution), so a GPU's features differ from a
+CPU's by float order only, far below the fp16 rounding of the stored features.
 
 Safety: a store is written into ``<key>.tmp-<pid>/`` and renamed to ``<key>/`` only when complete (after fsync),
 so an interrupted build never looks complete. Several processes starting at once (sweep jobs, Optuna workers)
@@ -97,8 +100,17 @@ def describe(vision: torch.nn.Module, processor, select: str, k: int | None, dty
         "processor": json.loads(processor.to_json_string()),
         "image_tokens": {"select": select, "k": k if select == "pooled" else None},
         "dtype": dtype,
-        "versions": {"pillow": PIL.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "pillow": PIL.__version__,
+            "torch": release(torch.__version__),
+            "transformers": transformers.__version__,
+        },
     }
+
+
+def release(version: str) -> str:
+    """``2.13.0+cu124`` -> ``2.13.0``: the build tag names the device support, not what the kernels compute."""
+    return version.split("+")[0]
 
 
 def store_key(description: dict, fingerprints: list[list]) -> str:
@@ -254,6 +266,8 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
     tmp.mkdir(parents=True)
     was_training, vision_device = vision.training, next(vision.parameters()).device
     vision.eval().to(device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the patch convolution in full fp32 on a GPU too (see the key)
     n_tok = n_selected(n_image_tokens(vision), select, k)
     shape = (len(ids), n_tok, vision.config.hidden_size)
     np_dtype = DTYPES[dtype]
@@ -291,6 +305,7 @@ def _build(tmp, vision, processor, paths, users, select, k, dtype, device, batch
     finally:
         bar.close()
         vision.to(vision_device).train(was_training)
+        torch.backends.cudnn.allow_tf32 = tf32
     (tmp / "index.json").write_text(json.dumps({"image_ids": ids, "bad": bad}))
 
 

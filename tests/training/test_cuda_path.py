@@ -206,3 +206,21 @@ def test_the_fallback_is_tagged_and_the_step_redone_with_the_same_random_numbers
     trainer.first_calls({}, state)
     assert draws[0] == draws[1] and model.compiled_text is None
     assert "simulated" in tags["clipqa.compile_fallback"] and state.compile_fallback == tags["clipqa.compile_fallback"]
+
+
+# ---- defect 6: CPU and GPU nodes share one feature cache ------------------------------------------------------------
+def test_the_feature_cache_key_ignores_torchs_build_tag(monkeypatch):
+    """torch 2.x+cu124 on a GPU node and 2.x+cpu on a CPU node compute the same features (the build runs fp32, TF32
+    off): one key, so a sweep's nodes share one store; another torch release still gets its own."""
+    from clipqa.models.feature_cache import describe, store_key
+
+    vision = nn.Linear(2, 2)
+    vision.config = types.SimpleNamespace(to_dict=lambda: {"hidden_size": 2})
+    processor = types.SimpleNamespace(to_json_string=lambda: "{}")
+
+    def key(version: str) -> str:
+        monkeypatch.setattr(torch, "__version__", version)
+        return store_key(describe(vision, processor, "all", None, "fp16"), [])
+
+    assert key("2.13.0+cu124") == key("2.13.0+cpu") == key("2.13.0")
+    assert key("2.14.0+cpu") != key("2.13.0+cpu")
