@@ -106,3 +106,56 @@ def test_each_family_pair_trains_and_clipqa_eval_reproduces_it(vision, text, fol
     if (vision, text) == ("siglip", "roberta"):  # the feature cache and the vision tower's own forward agree
         uncached = train(compose_cfg([*overrides, "features.cache=false"], cache_dir), tmp_path / "uncached")
         assert uncached["test/acc"] == metrics["test/acc"]
+
+
+def test_unequal_widths_with_no_mapper_layers_is_the_clear_error(folders):
+    b = load_sources(folders["siglip"], folders["bert"])  # vision 48, text 32
+    with pytest.raises(ClipqaError, match=r"mapper.num_layers=0 .* widths differ \(vision 48, text 32\)"):
+        from clipqa.training.build import build_model
+
+        build_model(compose_cfg([*SMALL_DEMO, "mapper.num_layers=0"]), b, 10)
+
+
+def test_the_tiny_preset_builds_a_bert_style_text_model_when_asked(tmp_path):
+    """backbone.tiny.text_family=bert (sweep=tiny_backbones): a BERT folder, loaded as one, with BERT's tokenizer."""
+    from omegaconf import OmegaConf
+
+    from clipqa.models.tiny_backbone import build_tiny
+    from tests.models.test_model import TEXT, TINY
+
+    folder = build_tiny(OmegaConf.merge(TINY, {"text_family": "bert"}), tmp_path, TEXT)
+    b = load_sources(str(folder / "vision"), str(folder / "text"))
+    assert b.loaded["text"]["model_type"] == "bert" and type(b.tokenizer).__name__.startswith("BertTokenizer")
+    assert build_tiny(TINY, tmp_path, TEXT) != folder  # the family is part of the build's key
+
+
+@pytest.mark.slow
+def test_a_siglip_roberta_model_is_an_mlflow_model_that_answers_as_clipqa_predict(folders, tmp_path, cache_dir, capsys):
+    """The logged pyfunc model carries both towers' folders and rebuilds them by their own families."""
+    import mlflow
+    import pandas as pd
+
+    from clipqa.training.run import train
+    from tests.helpers.runs import mlflow_store
+
+    uri = mlflow_store(tmp_path)
+    overrides = [
+        *SMALL_DEMO, f"backbone.vision={folders['siglip']}", f"backbone.text={folders['roberta']}",
+        "tracking=mlflow", f"tracking.uri={uri}", "tracking.log_model=true",
+    ]  # fmt: skip
+    train(compose_cfg(overrides, cache_dir), tmp_path / "run")
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
+    (data,) = (cache_dir / "demo").glob("v1-train1000-test200-*")
+    image = sorted((data / "images" / "val2014").iterdir())[0]
+    question = (data / "test" / "questions.txt").read_text().splitlines()[0]
+    try:
+        cli.predict([str(tmp_path / "run"), "--image", str(image), "--question", question, "--top-k", "1", "--json"])
+    except SystemExit as e:
+        pytest.fail(f"clipqa-predict exited {e.code}: {capsys.readouterr().err}")
+    (expected,) = json.loads(capsys.readouterr().out)["answers"]
+    mlflow.set_tracking_uri(uri)
+    got = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        pd.DataFrame({"image": [image.read_bytes()], "question": [question]})
+    )
+    assert got["answer"][0] == expected["answer"]
+    assert got["probability"][0] == pytest.approx(expected["probability"], rel=1e-5)
