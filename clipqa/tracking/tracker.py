@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from clipqa.errors import ClipqaError
 from clipqa.tracking.interrupts import ctrl_c_after
 from clipqa.tracking.pending import PENDING_FILE, encode_op
 from clipqa.tracking.preflight import fail_fast_http, first_use_lock, get_or_create_experiment, server_errors
@@ -34,6 +36,7 @@ from clipqa.tracking.uris import resolve_uri, without_credentials
 
 log = logging.getLogger(__name__)
 
+SWEEP_JOB_WAIT_S = 120  # a sweep's job waits this long for a tracking server that restarts (a single run fails fast)
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value; longer values live in the config.yaml artifact
 
 
@@ -78,8 +81,10 @@ class MlflowTracker(Tracker):
     RETRY_AFTER_S = 5.0  # after a failure, wait this long before trying the server again
     REAPED_CHECK_S = 30.0  # this often (at a write), whether a reaper ended the run as a dead worker's: RUNNING again
     _reaped_checked_at = float("-inf")
+    wait_s = 0.0  # how long an unreachable server is waited for, at the start and at the end (a sweep's job: longer)
 
-    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None):
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], run_id: str | None = None,
+                 wait_s: float = 0):  # fmt: skip
         from mlflow.tracking import MlflowClient
 
         fail_fast_http()  # we queue and retry ourselves
@@ -96,9 +101,19 @@ class MlflowTracker(Tracker):
             return
         # The first calls are the preflight: a bad login, a missing permission or no server stop here, before
         # training, with one clear error (later write failures are queued instead: see _call).
-        with server_errors(uri, experiment):
-            self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        # ``wait_s`` (a sweep's job): an unreachable server (restarting) is waited for that long, here and at the end.
+        self.wait_s, deadline = wait_s, time.monotonic() + wait_s
+        while True:
+            try:
+                with server_errors(uri, experiment):
+                    self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
+                    run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+                break
+            except ClipqaError as e:  # (server_errors's wording for no answer at all; a refused login is not retried)
+                if not str(e).startswith("Cannot reach") or time.monotonic() > deadline:
+                    raise
+                log.warning("MLflow tracking server unreachable at %s: this sweep job waits for it", uri)
+                time.sleep(self.RETRY_AFTER_S)
         self.run_id = run.info.run_id
         log.info("MLflow run %r (%s) in experiment %r at %s <tracking.uri>", name, self.run_id, experiment, uri)
 
@@ -184,7 +199,7 @@ class MlflowTracker(Tracker):
             self.set_tags({"error": error})
         self._check_reaped(force=True)
         self._call("set_terminated", self.run_id, status=status)
-        for _ in range(6):  # the server may be coming back: give the queue a last chance
+        for _ in range(max(6, int(self.wait_s / self.RETRY_AFTER_S))):  # the server may be coming back: a last chance
             if not self.pending:
                 return
             time.sleep(self.RETRY_AFTER_S)
@@ -285,7 +300,7 @@ def make_tracker(cfg: DictConfig, info: RunInfo, run_id: str | None = None) -> T
         tags["mlflow.parentRunId"] = parent["run_id"]
         tags["hydra.sweep.id"] = parent["run_id"]
     name = t.run_name or run_name(info, parent["swept"] if parent else None)
-    tracker = MlflowTracker(uri, t.experiment, name, tags)
+    tracker = MlflowTracker(uri, t.experiment, name, tags, wait_s=SWEEP_JOB_WAIT_S if info.multirun else 0)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     tracker.log_params(flatten(resolved))
