@@ -199,7 +199,8 @@ class MlflowTracker(Tracker):
             self.set_tags({"error": error})
         self._check_reaped(force=True)
         self._call("set_terminated", self.run_id, status=status)
-        for _ in range(max(6, int(self.wait_s / self.RETRY_AFTER_S))):  # the server may be coming back: a last chance
+        tries = max(6, int(self.wait_s // self.RETRY_AFTER_S) if self.RETRY_AFTER_S else 0)
+        for _ in range(tries):  # the server may be coming back: give the queue a last chance
             if not self.pending:
                 return
             time.sleep(self.RETRY_AFTER_S)
