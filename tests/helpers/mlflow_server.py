@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -73,6 +73,8 @@ class AuthServer:
     port: int
     folder: Path
     admin_password: str
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # holds the admin password: never print it
 
     @property
     def url(self) -> str:
@@ -92,6 +94,20 @@ class AuthServer:
 
     def stop(self) -> None:
         stop(self.process)
+
+    def restart(self) -> float:
+        """Stop the server (SIGTERM, as a restart does) and start it again on the same port, database, users and
+        secret key; return the seconds it was down (clients' requests fail meanwhile)."""
+        down = time.monotonic()
+        self.stop()
+        self.process = _popen(self.command, self.folder, self.env)
+        _wait_healthy(self.process, self.port, self.folder / "server.log")
+        return time.monotonic() - down
+
+
+def _popen(command: list[str], folder: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(folder / "server.log", "a") as out:
+        return subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def auth_ini(user_db: str, default_permission: str) -> str:
@@ -133,21 +149,16 @@ def start_auth_server(
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     log = folder / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-                "--backend-store-uri", backend_store_uri,
-                "--artifacts-destination", str(folder / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            ],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    log.write_text("")
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    server = _popen(command, folder, env)
     _wait_healthy(server, port, log)
-    return AuthServer(process=server, port=port, folder=folder, admin_password=password)
+    return AuthServer(process=server, port=port, folder=folder, admin_password=password, command=command, env=env)
 
 
 def stop(server: subprocess.Popen) -> None:
