@@ -15,6 +15,8 @@ from tests.helpers.runs import INTERFACE_KEYS, check_test_metrics, compose_cfg
 def test_short_demo_run_beats_the_answer_prior_and_writes_the_interface_files(demo_run):
     _, out, metrics = demo_run
     on_disk = json.loads((out / "metrics.json").read_text())
+    loaded = on_disk.pop("loaded")  # what was loaded per tower (tests/models/test_backbones.py): not a metric
+    assert set(loaded) == {"vision", "text"} and loaded["text"]["model_type"] == "distilbert"
     assert set(INTERFACE_KEYS) <= set(on_disk) and on_disk == pytest.approx(metrics)
     check_test_metrics(out)  # test/acc[/type] and the prior are the numbers the predictions and split files imply
     assert metrics[TEST_ACC] >= metrics[TEST_PRIOR_ACC] + 0.15, metrics
