@@ -80,6 +80,7 @@ def test_an_optuna_trial_whose_slurm_job_vanished_fails_is_retried_and_the_study
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     lost = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     # KILLED: by the reaper (clipqa.reaped_by names the job), or by the job itself when SLURM's SIGTERM reached it
-    assert lost.info.status == "KILLED" and f"SLURM job {job_id}" in lost.data.tags.get("clipqa.reaped_by", job_id)
+    note = lost.data.tags.get("clipqa.reaped_by")
+    assert lost.info.status == "KILLED" and (note is None or f"SLURM job {job_id}" in note), note
     runs = client.search_runs([client.get_experiment_by_name("o").experiment_id])
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
