@@ -1,7 +1,7 @@
 """What each text family costs per training step on this machine: DistilBERT (clipqa's packed path and its own
 forward), BERT base and RoBERTa base (their own forward: the packed path covers DistilBERT's block layout only).
 
-    python benchmarks/text_families.py                  # about 5 minutes on 2 idle CPU cores
+    python benchmarks/text_families.py                  # about 1.5 minutes on 2 idle CPU cores
     python benchmarks/text_families.py --steps 20 --out families.json
 
 Offline: real-size architectures with random weights (distilbert-base-uncased: 6 layers; bert-base-uncased and
