@@ -24,7 +24,7 @@ from clipqa.evaluation.scoring import autocast, evaluate, json_safe, write_predi
 from clipqa.evaluation.wups import split_wups
 from clipqa.models.backbones import Backbone
 from clipqa.models.model import ClipQA
-from clipqa.tracking.uris import resolve_uri
+from clipqa.tracking.uris import process_wide, resolve_uri
 from clipqa.training.checkpoint import restore_model
 from clipqa.training.device import pick_device, resolve_precision
 from clipqa.training.loaders import build_labels, cached_store, load_data, split_loader
@@ -68,7 +68,6 @@ def find_checkpoint(ref: str, tracking_uri: str | None = None, download_to: Path
 
 
 def _download(ref: str, uri: str, dst: Path) -> Path:
-    import mlflow
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -81,17 +80,12 @@ def _download(ref: str, uri: str, dst: Path) -> Path:
         )
     else:
         artifact, hint = ref, "List the registered models in the MLflow UI (Models) or with the MLflow client."
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     try:  # models:/ URIs are resolved against the registry, which follows the process-wide URIs
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        local = Path(download_artifacts(artifact_uri=artifact, dst_path=str(dst), tracking_uri=uri))
+        with process_wide(uri):
+            local = Path(download_artifacts(artifact_uri=artifact, dst_path=str(dst), tracking_uri=uri))
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ClipqaError(f"Cannot fetch {ref} from the MLflow store {uri} ({first}). {hint}") from None
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     found = [local] if local.is_file() else sorted(local.rglob("best.pt"))
     if not found:
         raise ClipqaError(f"{ref} at {uri} holds no best.pt: it is not a clipqa model. {hint}")

@@ -32,7 +32,7 @@ from clipqa.tracking.pending import PENDING_FILE, encode_op
 from clipqa.tracking.preflight import fail_fast_http, first_use_lock, get_or_create_experiment, server_errors
 from clipqa.tracking.reaped import revive_if_reaped
 from clipqa.tracking.run_info import OVERRIDES_TAG, RunInfo, git_commit, overrides_tag, read_parent, run_name
-from clipqa.tracking.uris import resolve_uri, without_credentials
+from clipqa.tracking.uris import process_wide, resolve_uri, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,8 @@ class MlflowTracker(Tracker):
             ),
             outputs=Schema([ColSpec("string", "answer"), ColSpec("double", "probability")]),
         )
-        previous = mlflow.get_tracking_uri()
         try:
-            mlflow.set_tracking_uri(self.uri)
-            with ctrl_c_after(), mlflow.start_run(run_id=self.run_id):
+            with process_wide(self.uri), ctrl_c_after(), mlflow.start_run(run_id=self.run_id):
                 mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(
@@ -189,8 +187,6 @@ class MlflowTracker(Tracker):
             log.warning(
                 "could not log the MLflow model (%s): %s; best.pt is in the run folder", type(e).__name__, first
             )
-        finally:
-            mlflow.set_tracking_uri(previous)
 
     def finish(self, status: str = "FINISHED", error: str | None = None, run_dir: Path | None = None) -> None:
         import time

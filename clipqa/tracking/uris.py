@@ -8,6 +8,8 @@ already wrote); they come only from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_P
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -91,3 +93,32 @@ def without_credentials(uri: str) -> str:
     if parts.password is None and parts.username is None:
         return uri
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+@contextmanager
+def process_wide(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to ``uri`` inside (the fluent API, ``models:/`` URIs and
+    ``pyfunc.log_model`` follow them), and everything as before after, ``$MLFLOW_TRACKING_URI`` and
+    ``$MLFLOW_REGISTRY_URI`` included: ``mlflow.set_tracking_uri`` also writes the variable, so restoring only the
+    URI left the variable pointing at the store the block used (the next ``clipqa-eval`` in the same process then
+    read that store instead of the user's)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    saved = {k: os.environ.get(k) for k in (ENV_URI, "MLFLOW_REGISTRY_URI")}
+    # What was set explicitly (None: nothing, follow the environment). MLflow has no public getter for that:
+    # get_tracking_uri() resolves the default, and setting that back would pin the process to it for good.
+    previous = getattr(tracking, "_tracking_uri", None), getattr(registry, "_registry_uri", None)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

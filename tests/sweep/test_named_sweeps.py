@@ -49,8 +49,14 @@ def test_every_sweep_file_composes_with_a_header_and_sweeps_something(path: Path
     validate(OmegaConf.create(cfg_for_run))
 
 
-def test_every_sweep_has_its_deprecated_alias_and_no_alias_is_left_without_a_sweep():
-    assert [p.stem for p in ALIASES] == [p.stem for p in SWEEPS]
+# The sweeps that existed when `-cd sweeps -cn NAME` was the command: each keeps its alias until it is removed.
+# Sweeps added since (backbones, tiny_backbones) never had the old command, so they get no alias.
+OLD_SWEEPS = ["freeze", "image_tokens", "mapper_depth", "optimizer", "optuna", "optuna_tradeoff", "paper", "seeds"]
+
+
+def test_every_old_sweep_has_its_deprecated_alias_and_no_alias_is_left_without_a_sweep():
+    assert [p.stem for p in ALIASES] == OLD_SWEEPS
+    assert set(OLD_SWEEPS) <= {p.stem for p in SWEEPS}
 
 
 @pytest.mark.parametrize("path", ALIASES, ids=lambda p: p.stem)

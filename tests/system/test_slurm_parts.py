@@ -21,7 +21,8 @@ def test_the_slurm_launcher_config_is_submitits_with_the_files_values():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    # clipqa's subclass of submitit's (hydra_plugins/clipqa_slurm_launcher: it also notices jobs that vanish)
+    assert launcher._target_ == "hydra_plugins.clipqa_slurm_launcher.launcher.SlurmLauncher"
     assert LAUNCHER.read_text().startswith("#") and "python train.py -m hydra/launcher=slurm" in LAUNCHER.read_text()
     own = OmegaConf.to_container(OmegaConf.load(LAUNCHER), resolve=False)
     own.pop("defaults")

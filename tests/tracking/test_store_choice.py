@@ -22,7 +22,7 @@ def tracked_demo(demo_run, cache_dir, tmp_path):
     question from its data.)"""
     _, out, metrics = demo_run
     uri = mlflow_store(tmp_path)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("clipqa", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp, run_name="demo").info.run_id
     client.log_artifact(run_id, str(out / "best.pt"), "checkpoint")
@@ -90,3 +90,23 @@ def test_credentials_in_the_environment_variable_are_refused_by_every_tool(tool,
     code, _, err = run_tool(getattr(cli, tool), capsys, *args)
     assert code == 2 and "$MLFLOW_TRACKING_URI has a user name or password" in err, err
     assert "hunter2" not in err and "bob" not in err
+
+
+def test_fetching_a_model_leaves_the_users_environment_variable_alone(tracked_demo, tmp_path, monkeypatch):
+    """Catches: mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; restoring only the URI after a runs:/ download
+    left the variable pointing at whatever store the process had set before, so the next clipqa-predict in the same
+    process (a notebook, this test session) read the wrong store."""
+    import mlflow
+
+    from clipqa.inference.trained import find_checkpoint
+
+    uri, run_id, *_ = tracked_demo
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_store(tmp_path, "elsewhere.db"))  # a process-wide URI some earlier code set
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert find_checkpoint(f"runs:/{run_id}", None, tmp_path / "a").name == "best.pt"
+        assert __import__("os").environ["MLFLOW_TRACKING_URI"] == uri
+        assert find_checkpoint("models:/env-qa/1", None, tmp_path / "b").name == "best.pt"
+    finally:
+        mlflow.set_tracking_uri(before)
