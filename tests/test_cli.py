@@ -17,8 +17,8 @@ from tests.helpers.runs import ROOT, SMALL_DEMO, check_test_metrics, run_cli
             ["experiment=demo", "mapper.num_layers=-1"], ["mapper.num_layers", ">= 0"], id="num-layers-negative"
         ),
         # ~10 s (a process that imports torch and opens the MLflow store): slow. The fast tier has the same error
-        # in-process (tests/training/test_run.py, tests/tracking/test_tracker.py: the run ends FAILED with it) and one
-        # paragraph for an error raised inside train() from the command line (the hub case below).
+        # in-process (tests/training/test_run.py, tests/tracking/test_tracker.py: the run ends FAILED with it); the
+        # command-line paragraph of an error raised inside train() is the hub case below (slow too).
         pytest.param(
             ["data.root=no/such/cocoqa", "data.image_root=no/such/coco"],
             ["no/such/cocoqa/train", "experiment=demo"],
@@ -36,6 +36,8 @@ def test_bad_input_prints_one_paragraph_without_a_traceback(args, needles, tmp_p
         assert needle in out
 
 
+# ~8 s (a process that imports torch and tries the hub): slow; tests/models/test_model.py has the same error in-process.
+@pytest.mark.slow
 def test_unreachable_hub_model_offline_is_a_clear_error(tmp_path, cache_dir):
     r = run_cli(*SMALL_DEMO, "backbone=hub", "backbone.vision=no-such-org/clip", f"hydra.run.dir={tmp_path}")
     out = r.stdout + r.stderr

@@ -124,7 +124,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+# ~5 s each (a whole short run that skips): the slow tier; the fast tier keeps truncated-jpeg-skip for the policy.
+SLOW_CASES = {"missing-image-skip", "zero-byte-image-skip", "truncated-jpeg-uncached"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES], ids=list(CASES)
+)
 def test_bad_input_corpus(case, tmp_path, cache_dir, caplog, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # so a 3000x3000 picture counts as a bomb
     mutate, policy, *extra = CASES[case]

@@ -161,6 +161,8 @@ def test_vocab_labels_need_exactly_one_known_wordpiece_and_answers_head_keeps_tr
     assert answers.labels(["z", "unseen"]) == [1, -1]
 
 
+# ~6 s (a short run): slow; the fast tier trains on such a folder in tests/data/test_bad_input_corpus.py
+@pytest.mark.slow
 def test_trains_on_a_hand_made_folder_in_the_real_cocoqa_and_coco_layout(tmp_path, cache_dir):
     data_root, image_root = make_cocoqa(tmp_path, n_train_images=40, n_test_images=12)
     cfg = compose_cfg(

@@ -3,6 +3,7 @@ reproducibly, so
 the feature cache's key (a digest of the vision weights) is the same on every build, and independent of the run's
 data, so the demo and the smoke test share one build."""
 
+import pytest
 import torch
 
 from clipqa.models.backbones import load_sources
@@ -28,6 +29,7 @@ def digests(folder) -> tuple[str, str, bytes]:
     return weights_digest(b.vision), weights_digest(b.text), (folder / "text" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_pretrained_backbone_builds_bit_identically_whatever_the_thread_count(tmp_path):
     """Bug caught: a build that depends on the machine's load or thread count (multi-threaded sums round
     differently) or on leftover RNG state would give the vision tower a new digest, and so every run a new
@@ -49,6 +51,7 @@ def test_the_pretrained_backbone_builds_bit_identically_whatever_the_thread_coun
     assert digests(a) == digests(b)
 
 
+@pytest.mark.slow
 def test_another_pretraining_seed_gives_other_weights_and_another_key(tmp_path):
     """Bug caught: a pretraining setting missing from the cache key would serve stale weights after a change."""
     a = build_tiny(compose_cfg(SHORT).backbone.tiny, tmp_path, None)

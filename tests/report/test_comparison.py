@@ -225,6 +225,8 @@ def test_report_without_matching_runs_is_a_clear_error(tmp_path):
         make_report(uri, tmp_path / "rep", experiment="nope")
 
 
+# a subprocess (~2.5 s): slow
+@pytest.mark.slow
 def test_report_against_a_server_that_is_down_fails_fast_with_one_line(tmp_path):
     """clipqa-report once waited 4 minutes in MLflow's HTTP retries and then printed a traceback."""
     import shutil

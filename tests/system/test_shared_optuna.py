@@ -159,6 +159,7 @@ def test_workers_asking_as_fast_as_they_can_never_pass_n_trials(tmp_path):
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 12
 
 
+@pytest.mark.slow
 def test_a_waiting_retry_is_run_even_when_the_study_is_full(tmp_path):
     """A dead worker's retried trial (WAITING) is asked although the study holds n_trials: it replaces the failed
     one. Bug caught: a worker stopping at n_trials with the retry never run (left WAITING)."""

@@ -41,6 +41,7 @@ def test_unwritten_mlflow_writes_are_kept_as_json_and_uploaded_by_clipqa_sync(tm
     assert not (tmp_path / PENDING_FILE).exists()
 
 
+@pytest.mark.slow  # ~2.4 s
 def test_a_pending_file_may_only_name_mlflow_writes(tmp_path, capsys):
     ops = [{"method": "delete_experiment", "args": ["0"], "kwargs": {}}]
     (tmp_path / PENDING_FILE).write_text(json.dumps({"uri": f"sqlite:///{tmp_path / 'm.db'}", "ops": ops}))

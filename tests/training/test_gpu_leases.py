@@ -72,6 +72,7 @@ def test_leases_in_one_process_exclude_each_other_and_release_out_of_order(tmp_p
             assert again == 1
 
 
+@pytest.mark.slow
 def test_a_killed_jobs_gpu_is_free_again(tmp_path):
     """SIGKILL leaves no stale lease: the operating system drops the dead job's lock (no clean-up step)."""
     folder = tmp_path / "locks"

@@ -9,6 +9,7 @@ from clipqa.tracking.tracker import Tracker
 from clipqa.training.run import train
 
 
+@pytest.mark.slow  # two short runs (~2 s); tests/training/test_resume.py compares a run with the session's demo run
 def test_same_config_and_seed_give_the_same_metrics_on_cpu(small_demo_cfg, tmp_path):
     cfg = small_demo_cfg("trainer.max_steps=12", "trainer.eval_every=6", "trainer.save_checkpoint=false")
     a, b = train(cfg, tmp_path / "a"), train(cfg, tmp_path / "b")
