@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipqa.data.cocoqa import load_pixels, worker_context
-from clipqa.models.backbones import n_image_tokens
+from clipqa.models.backbones import n_image_tokens, weights_digest  # weights_digest: part of the cache key
 from clipqa.models.image_tokens import n_selected, select_tokens
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,6 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
 # ---- the key -------------------------------------------------------------------------------------------------
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, shapes, dtypes, bytes): the weights' identity (~1 s for
-    ViT-B/32). A hub name or folder alone would not do: a re-downloaded or fine-tuned tower keeps its name."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def image_fingerprints(paths: dict[int, Path]) -> list[list]:

@@ -6,8 +6,7 @@ data, so the demo and the smoke test share one build."""
 import pytest
 import torch
 
-from clipqa.models.backbones import load_sources
-from clipqa.models.feature_cache import weights_digest
+from clipqa.models.backbones import load_sources, weights_digest
 from clipqa.models.tiny_backbone import build_tiny
 from tests.helpers.runs import compose_cfg
 
